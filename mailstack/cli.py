@@ -164,7 +164,7 @@ def _bluebook_config_type() -> type:
 @config_group.command("docs")
 def config_docs() -> None:
     """Print every option as Markdown (the source of docs/configuration.md)."""
-    click.echo(render_option_docs())
+    click.echo(render_option_docs(), nl=False)
 
 
 def render_option_docs() -> str:
