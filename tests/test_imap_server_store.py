@@ -1,0 +1,140 @@
+"""The store's message operations that the IMAP server uses, on a real SQLite file."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+
+from mailstack.store import Store
+from mailstack.store.messages import FlagMode, uid_clauses, uid_ranges
+from mailstack.store.models import Delivery, DeliveryState, Flag, MessageContent
+
+MESSAGE = b"From: a@here.test\r\nSubject: %d\r\n\r\nbody %d\r\n"
+
+
+@pytest.fixture
+async def store(tmp_path):
+    opened = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'mail.db'}")
+    await opened.add_domain("here.test")
+    yield opened
+    await opened.close()
+
+
+@pytest.fixture
+async def account(store):
+    return await store.create_account("user@here.test", "secret-pw")
+
+
+async def fill(store, mailbox_id, count):
+    for number in range(count):
+        await store.append(mailbox_id, MESSAGE % (number, number))
+
+
+def test_uid_ranges_compress():
+    assert uid_ranges([1, 2, 3, 5, 7, 8]) == [(1, 3), (5, 5), (7, 8)]
+    assert uid_ranges([]) == []
+
+
+def test_uid_clauses_chunk_many_ranges():
+    uids = list(range(1, 3000, 2))
+    clauses = uid_clauses(uids)
+    assert len(clauses) == 3
+
+
+async def test_message_states_in_uid_order(store, account):
+    inbox = await store.get_mailbox(account.id, "INBOX")
+    await fill(store, inbox.id, 3)
+    mailbox, states = await store.message_states(inbox.id)
+    assert [s.uid for s in states] == [1, 2, 3]
+    assert mailbox.highestmodseq == states[-1].modseq
+
+
+async def test_store_flags_reports_only_changes(store, account):
+    inbox = await store.get_mailbox(account.id, "INBOX")
+    await fill(store, inbox.id, 3)
+    changed = await store.store_flags(inbox.id, [1, 2], FlagMode.ADD, int(Flag.SEEN))
+    assert [s.uid for s in changed] == [1, 2]
+    before = await store.highest_modseq(inbox.id)
+    again = await store.store_flags(inbox.id, [1, 2], FlagMode.ADD, int(Flag.SEEN))
+    assert again == []
+    assert await store.highest_modseq(inbox.id) == before
+
+
+async def test_store_keywords_case_insensitive(store, account):
+    inbox = await store.get_mailbox(account.id, "INBOX")
+    await fill(store, inbox.id, 1)
+    await store.store_flags(inbox.id, [1], FlagMode.ADD, 0, ["$Junk"])
+    assert await store.store_flags(inbox.id, [1], FlagMode.ADD, 0, ["$JUNK"]) == []
+    removed = await store.store_flags(inbox.id, [1], FlagMode.REMOVE, 0, ["$junk"])
+    assert removed[0].keywords == ()
+    replaced = await store.store_flags(inbox.id, [1], FlagMode.REPLACE, int(Flag.FLAGGED), ["work"])
+    assert replaced[0].flags == int(Flag.FLAGGED)
+    assert replaced[0].keywords == ("work",)
+    assert await store.mailbox_keywords(inbox.id) == {"work"}
+
+
+async def test_changes_since_sees_flags_and_expunges(store, account):
+    inbox = await store.get_mailbox(account.id, "INBOX")
+    await fill(store, inbox.id, 4)
+    start = await store.highest_modseq(inbox.id)
+    await store.store_flags(inbox.id, [2, 3], FlagMode.ADD, int(Flag.DELETED))
+    await store.store_flags(inbox.id, [1], FlagMode.ADD, int(Flag.SEEN))
+    assert await store.expunge(inbox.id, [3]) == [3]
+    changes = await store.changes_since(inbox.id, start)
+    assert [s.uid for s in changes.changed] == [1, 2]
+    assert changes.expunged == [3]
+    assert await store.expunge(inbox.id) == [2]
+
+
+async def test_expunge_collects_unreferenced_content(store, account):
+    inbox = await store.get_mailbox(account.id, "INBOX")
+    await fill(store, inbox.id, 1)
+    await store.store_flags(inbox.id, [1], FlagMode.ADD, int(Flag.DELETED))
+    await store.expunge(inbox.id)
+    async with store.read() as session:
+        assert list(await session.scalars(select(MessageContent.sha256))) == []
+
+
+async def test_copy_keeps_flags_and_shares_content(store, account):
+    inbox = await store.get_mailbox(account.id, "INBOX")
+    sent = await store.get_mailbox(account.id, "Sent")
+    await fill(store, inbox.id, 3)
+    await store.store_flags(inbox.id, [2], FlagMode.ADD, int(Flag.FLAGGED), ["work"])
+    result = await store.copy_messages(inbox.id, sent.id, [2, 3])
+    assert result.source_uids == [2, 3]
+    assert result.target_uids == [1, 2]
+    assert result.uidvalidity == sent.uidvalidity
+    copied = await store.fetch_messages(sent.id, [1], content=True)
+    assert copied[0].flags == int(Flag.FLAGGED)
+    assert copied[0].keywords == ("work",)
+    assert copied[0].data == MESSAGE % (1, 1)
+
+
+async def test_move_expunges_source(store, account):
+    inbox = await store.get_mailbox(account.id, "INBOX")
+    trash = await store.get_mailbox(account.id, "Trash")
+    await fill(store, inbox.id, 3)
+    start = await store.highest_modseq(inbox.id)
+    result = await store.move_messages(inbox.id, trash.id, [1, 3])
+    assert result.target_uids == [1, 2]
+    _mailbox, states = await store.message_states(inbox.id)
+    assert [s.uid for s in states] == [2]
+    assert (await store.changes_since(inbox.id, start)).expunged == [1, 3]
+
+
+async def test_expunge_from_outbox_cancels_deliveries(store, account):
+    queue_id = await store.submit(
+        MESSAGE % (1, 1),
+        account_id=account.id,
+        envelope_sender="user@here.test",
+        local_account_ids=[],
+        remote_recipients=["x@there.test", "y@there.test"],
+    )
+    outbox = await store.get_mailbox(account.id, "Outbox")
+    _mailbox, states = await store.message_states(outbox.id)
+    await store.store_flags(outbox.id, [states[0].uid], FlagMode.ADD, int(Flag.DELETED))
+    assert await store.expunge(outbox.id) == [states[0].uid]
+    async with store.read() as session:
+        deliveries = list(await session.scalars(select(Delivery).where(Delivery.queue_id == queue_id)))
+    assert len(deliveries) == 2
+    assert {d.state for d in deliveries} == {DeliveryState.CANCELLED.value}
