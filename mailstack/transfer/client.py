@@ -1,0 +1,319 @@
+"""Sending one message to the mail hosts of one domain with aiosmtplib.
+
+One SMTP transaction carries every recipient of the domain. Each recipient
+ends the attempt with its own reply: the RCPT reply if that was not 2xx,
+otherwise the reply to the end of DATA. Hosts are tried in the resolver's
+order; the next host is tried only while no host has given a final answer for
+the transaction (connection failures, TLS failures, and 4xx or 5xx to the
+greeting, EHLO or MAIL).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiosmtplib
+
+from mailstack.transfer.resolver import MailHost
+
+log = logging.getLogger(__name__)
+
+TLS_POLICIES = ("none", "opportunistic", "required", "verify")
+
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
+# Keep recorded replies short and on one line; peers may send anything.
+MAX_REPLY_TEXT = 500
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A reply to one recipient, from the peer or made up locally for a failure."""
+
+    code: int
+    status: str  # RFC 3463 enhanced status, taken from the reply or derived from the code
+    text: str
+    remote_host: str | None = None
+    in_reply_to: str = ""
+
+    @property
+    def delivered(self) -> bool:
+        return self.status.startswith("2")
+
+    @property
+    def permanent(self) -> bool:
+        return self.status.startswith("5")
+
+    def describe(self) -> str:
+        """Return one line for the queue listing and the DSN, like Postfix's "host said: ...".
+
+        The line names the peer and the command the reply answered when known.
+        """
+        line = f"{self.code} {self.text}" if self.code else self.text
+        if self.remote_host:
+            line = f"{self.remote_host} said: {line}"
+        if self.in_reply_to:
+            line = f"{line} (in reply to {self.in_reply_to})"
+        return line
+
+
+def peer_reply(code: int, message: str, host: str, in_reply_to: str) -> Reply:
+    """Build a Reply from an SMTP reply, taking the enhanced status from its text when present."""
+    text = " ".join(message.split())[:MAX_REPLY_TEXT]
+    match = _ENHANCED.match(text)
+    if match and match.group(1) == str(code)[0]:
+        status = ".".join(match.groups())
+    else:
+        status = f"{str(code)[0]}.0.0"
+    return Reply(code, status, text, host, in_reply_to)
+
+
+def local_failure(status: str, text: str) -> Reply:
+    """Build a Reply for a failure seen on this side (DNS, connection, TLS, policy).
+
+    Its code is 0, which marks it as local, and ``permanent`` follows the
+    enhanced status.
+    """
+    return Reply(0, status, " ".join(text.split())[:MAX_REPLY_TEXT])
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    local_hostname: str
+    port: int = 25
+    tls_policy: str = "opportunistic"
+    tls_ca_file: Path | None = None
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.tls_policy not in TLS_POLICIES:
+            raise ValueError(f"tls_policy must be one of {', '.join(TLS_POLICIES)}, not {self.tls_policy!r}")
+
+
+class _TryNextHost(Exception):
+    """This host gave no final answer for the transaction; try the next one."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(reply.text)
+        self.reply = reply
+
+
+class _Plaintext(Exception):
+    """Opportunistic TLS failed on this address; retry it without TLS."""
+
+
+def _encoding_needed(sender: str, recipients: Sequence[str]) -> bool:
+    return not (sender.isascii() and all(r.isascii() for r in recipients))
+
+
+def _has_8bit(data: bytes) -> bool:
+    return not data.isascii()
+
+
+class Sender:
+    """The SMTP client side of the relay."""
+
+    def __init__(self, settings: ClientSettings) -> None:
+        self.settings = settings
+        self._unverified = ssl.create_default_context()
+        self._unverified.check_hostname = False
+        self._unverified.verify_mode = ssl.CERT_NONE
+        self._unverified.minimum_version = ssl.TLSVersion.TLSv1_2
+        if settings.tls_policy == "verify":
+            ca_file = settings.tls_ca_file
+            cafile = str(ca_file) if ca_file is not None and str(ca_file) not in ("", ".") else None
+            self._verified = ssl.create_default_context(cafile=cafile)
+            self._verified.minimum_version = ssl.TLSVersion.TLSv1_2
+        else:
+            self._verified = None
+
+    async def send(
+        self,
+        hosts: Sequence[MailHost],
+        sender: str,
+        recipients: Sequence[str],
+        data: bytes,
+        *,
+        log_id: str = "",
+    ) -> dict[str, Reply]:
+        """Send ``data`` to ``recipients`` through the first host that takes the transaction.
+
+        Returns one Reply per recipient. Connection, TLS and SMTP errors become
+        temporary Replies, so only a bug here raises.
+        """
+        last: Reply | None = None
+        for host in hosts:
+            for address in host.addresses:
+                label = f"{host.name}[{address}]"
+                use_tls = self.settings.tls_policy != "none"
+                while True:
+                    try:
+                        return await self._transaction(host, address, label, use_tls, sender, recipients, data, log_id)
+                    except _Plaintext:
+                        log.info("%s: STARTTLS with %s failed; retrying without TLS", log_id, label)
+                        use_tls = False
+                        continue
+                    except _TryNextHost as exc:
+                        last = exc.reply
+                        log.info("%s: %s: %s; trying the next host", log_id, label, exc.reply.describe())
+                        break
+        if last is None:
+            last = local_failure("4.4.4", "no mail host to connect to")
+        return {recipient: last for recipient in recipients}
+
+    async def _transaction(
+        self,
+        host: MailHost,
+        address: str,
+        label: str,
+        use_tls: bool,
+        sender: str,
+        recipients: Sequence[str],
+        data: bytes,
+        log_id: str,
+    ) -> dict[str, Reply]:
+        settings = self.settings
+        client = aiosmtplib.SMTP(
+            hostname=address,
+            port=settings.port,
+            local_hostname=settings.local_hostname,
+            timeout=settings.command_timeout,
+            start_tls=False,
+        )
+        try:
+            try:
+                await client.connect(timeout=settings.connect_timeout)
+            except aiosmtplib.SMTPConnectResponseError as exc:
+                raise _TryNextHost(peer_reply(exc.code, exc.message, label, "initial connection")) from exc
+            except (aiosmtplib.SMTPException, OSError) as exc:
+                raise _TryNextHost(local_failure("4.4.1", f"connection to {label} failed: {exc}")) from exc
+            log.info("%s: connected to %s", log_id, label)
+            await self._hello(client, label)
+            await self._maybe_starttls(client, host, label, use_tls)
+            return await self._envelope_and_data(client, label, sender, recipients, data, log_id)
+        except aiosmtplib.SMTPServerDisconnected as exc:
+            raise _TryNextHost(local_failure("4.4.2", f"lost connection with {label}: {exc}")) from exc
+        except aiosmtplib.SMTPTimeoutError as exc:
+            raise _TryNextHost(local_failure("4.4.2", f"conversation with {label} timed out")) from exc
+        except (OSError, aiosmtplib.SMTPException) as exc:
+            raise _TryNextHost(local_failure("4.4.2", f"conversation with {label} failed: {exc}")) from exc
+        finally:
+            await self._close(client)
+
+    async def _hello(self, client: aiosmtplib.SMTP, label: str) -> None:
+        try:
+            await client.ehlo()
+        except aiosmtplib.SMTPHeloError as exc:
+            if exc.code >= 500 and client.is_connected:
+                try:
+                    await client.helo()
+                    return
+                except aiosmtplib.SMTPHeloError as helo_exc:
+                    raise _TryNextHost(peer_reply(helo_exc.code, helo_exc.message, label, "HELO")) from helo_exc
+            raise _TryNextHost(peer_reply(exc.code, exc.message, label, "EHLO")) from exc
+
+    async def _maybe_starttls(self, client: aiosmtplib.SMTP, host: MailHost, label: str, use_tls: bool) -> None:
+        policy = self.settings.tls_policy
+        if not use_tls:
+            return
+        offered = client.supports_extension("starttls")
+        if not offered:
+            if policy in ("required", "verify"):
+                raise _TryNextHost(local_failure("4.7.4", f"TLS is required, but {label} does not offer STARTTLS"))
+            return
+        context = self._verified if policy == "verify" else self._unverified
+        try:
+            await client.starttls(tls_context=context, server_hostname=host.name)
+        except aiosmtplib.SMTPResponseException as exc:
+            if policy == "opportunistic":
+                raise _Plaintext() from exc
+            raise _TryNextHost(peer_reply(exc.code, exc.message, label, "STARTTLS")) from exc
+        except (ssl.SSLError, aiosmtplib.SMTPException, OSError) as exc:
+            if policy == "opportunistic":
+                raise _Plaintext() from exc
+            raise _TryNextHost(local_failure("4.7.5", f"TLS handshake with {label} failed: {exc}")) from exc
+        await client.ehlo()
+
+    async def _envelope_and_data(
+        self,
+        client: aiosmtplib.SMTP,
+        label: str,
+        sender: str,
+        recipients: Sequence[str],
+        data: bytes,
+        log_id: str,
+    ) -> dict[str, Reply]:
+        options: list[str] = []
+        encoding = "ascii"
+        if _encoding_needed(sender, recipients):
+            if not client.supports_extension("smtputf8"):
+                reply = local_failure(
+                    "5.6.7", f"{label} does not support SMTPUTF8, which the addresses of this message need"
+                )
+                return {recipient: reply for recipient in recipients}
+            options.append("SMTPUTF8")
+            encoding = "utf-8"
+        if client.supports_extension("size"):
+            limit = client.esmtp_extensions.get("size", "")
+            if limit.isdigit() and 0 < int(limit) < len(data):
+                reply = local_failure("5.3.4", f"message size {len(data)} exceeds the limit {limit} of {label}")
+                return {recipient: reply for recipient in recipients}
+            options.append(f"SIZE={len(data)}")
+        if _has_8bit(data) and client.supports_extension("8bitmime"):
+            options.append("BODY=8BITMIME")
+
+        try:
+            await client.mail(sender, options=options, encoding=encoding)
+        except aiosmtplib.SMTPSenderRefused as exc:
+            reply = peer_reply(exc.code, exc.message, label, "MAIL FROM")
+            if reply.permanent:
+                return {recipient: reply for recipient in recipients}
+            raise _TryNextHost(reply) from exc
+
+        results: dict[str, Reply] = {}
+        accepted: list[str] = []
+        for recipient in recipients:
+            try:
+                await client.rcpt(recipient, encoding=encoding)
+            except aiosmtplib.SMTPRecipientRefused as exc:
+                results[recipient] = peer_reply(exc.code, exc.message, label, "RCPT TO")
+                log.info("%s: %s rejected %s: %s", log_id, label, recipient, results[recipient].text)
+                continue
+            accepted.append(recipient)
+        if not accepted:
+            await self._reset(client)
+            return results
+
+        try:
+            response = await client.data(data)
+            reply = peer_reply(response.code, response.message, label, "end of DATA")
+        except aiosmtplib.SMTPDataError as exc:
+            reply = peer_reply(exc.code, exc.message, label, "DATA")
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
+            # The peer may or may not have the message now. Sending it again risks a
+            # duplicate and dropping it risks a loss, so the attempt is deferred.
+            reply = local_failure("4.4.2", f"connection with {label} broke during DATA: {exc}")
+        for recipient in accepted:
+            results[recipient] = reply
+        if reply.delivered:
+            log.info("%s: %s accepted %d recipient(s): %s", log_id, label, len(accepted), reply.text)
+        return results
+
+    async def _reset(self, client: aiosmtplib.SMTP) -> None:
+        try:
+            await client.rset()
+        except (aiosmtplib.SMTPException, OSError):
+            pass
+
+    async def _close(self, client: aiosmtplib.SMTP) -> None:
+        if not client.is_connected:
+            return
+        try:
+            await client.quit(timeout=5)
+        except (aiosmtplib.SMTPException, OSError):
+            client.close()

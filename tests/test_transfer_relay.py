@@ -1,0 +1,386 @@
+"""The relay: MX resolution against a DNS server on loopback, and the queue runner
+sending to aiosmtpd peers, with a fake clock for retry schedules."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import email
+import email.policy
+
+import pytest
+
+from mailstack.store import Store
+from mailstack.transfer.client import ClientSettings, Sender
+from mailstack.transfer.resolver import MXResolver, PermanentDNSFailure, TemporaryDNSFailure
+from mailstack.transfer.runner import QueueRunner, RetryPolicy
+from test_transfer_queue import FakeClock
+from test_transfer_support import DNSResponder, Peer
+
+DNS_HOST = "127.0.5.1"
+PEER_HOST = "127.0.5.2"
+PEER_BACKUP = "127.0.5.3"
+PEER_PORT = 2525
+MESSAGE = (
+    b"From: Alice <alice@here.test>\r\nTo: bob@there.test\r\nSubject: relay test\r\n"
+    b"Message-ID: <relay-test@here.test>\r\n\r\nHello Bob.\r\n.leading dot\r\n"
+)
+
+
+@pytest.fixture
+async def dns_server():
+    server = DNSResponder(DNS_HOST)
+    await server.start()
+    server.add("there.test", "MX", "10 mx.there.test.")
+    server.add("mx.there.test", "A", PEER_HOST)
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def resolver(dns_server, clock):
+    return MXResolver((DNS_HOST,), port=dns_server.port, timeout=2.0, clock=clock)
+
+
+@pytest.fixture
+async def store(tmp_path, clock):
+    opened = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'here.db'}", clock=clock)
+    await opened.add_domain("here.test")
+    await opened.create_account("alice@here.test", "pw")
+    yield opened
+    await opened.close()
+
+
+@pytest.fixture
+def peer():
+    server = Peer(PEER_HOST, "there.test", port=PEER_PORT, unknown={"nobody@there.test"}, busy={"busy@there.test"})
+    server.start()
+    yield server
+    server.stop()
+
+
+def make_runner(store, resolver, clock, **retry) -> QueueRunner:
+    settings = ClientSettings(local_hostname="mx.here.test", port=PEER_PORT, connect_timeout=2, command_timeout=5)
+    return QueueRunner(
+        store,
+        resolver=resolver,
+        sender=Sender(settings),
+        reporting_mta="mx.here.test",
+        retry=RetryPolicy(**retry),
+        clock=clock,
+        owner="test-runner",
+    )
+
+
+async def submit(store, recipients, sender="alice@here.test") -> str:
+    alice = await store.get_account("alice@here.test")
+    return await store.submit(
+        MESSAGE, account_id=alice.id, envelope_sender=sender, local_account_ids=[], remote_recipients=recipients
+    )
+
+
+async def inbox_messages(store, name="INBOX") -> list[email.message.EmailMessage]:
+    alice = await store.get_account("alice@here.test")
+    mailbox = await store.get_mailbox(alice.id, name)
+    from sqlalchemy import select
+
+    from mailstack.store.models import Message, MessageContent
+
+    async with store.read() as session:
+        rows = await session.scalars(
+            select(MessageContent.data)
+            .join(Message, Message.content_sha256 == MessageContent.sha256)
+            .where(Message.mailbox_id == mailbox.id)
+            .order_by(Message.uid)
+        )
+        return [email.message_from_bytes(data, policy=email.policy.default) for data in rows]
+
+
+def delivery_status(notice: email.message.EmailMessage) -> list[dict[str, str]]:
+    """Return the per-recipient blocks of a DSN's message/delivery-status part."""
+    for part in notice.walk():
+        if part.get_content_type() == "message/delivery-status":
+            blocks = part.get_payload()
+            return [dict(block.items()) for block in blocks[1:]]
+    raise AssertionError("no message/delivery-status part")
+
+
+# Resolver ------------------------------------------------------------------------
+
+
+async def test_resolver_orders_mx_by_preference(dns_server, clock):
+    dns_server.records.clear()
+    dns_server.add("multi.test", "MX", "20 b.multi.test.", "10 a2.multi.test.", "10 a1.multi.test.")
+    for name, address in (("a1", "127.0.5.11"), ("a2", "127.0.5.12"), ("b", "127.0.5.13")):
+        dns_server.add(f"{name}.multi.test", "A", address)
+    dns_server.add("b.multi.test", "AAAA", "::1")
+    resolver = MXResolver((DNS_HOST,), port=dns_server.port, clock=clock, shuffle=lambda names: names.sort())
+    hosts = await resolver.resolve("MULTI.test.")
+    assert [h.name for h in hosts] == ["a1.multi.test", "a2.multi.test", "b.multi.test"]
+    assert [h.preference for h in hosts] == [10, 10, 20]
+    assert hosts[2].addresses == ("::1", "127.0.5.13")
+
+
+async def test_resolver_shuffles_equal_preference(dns_server, clock):
+    dns_server.add("multi.test", "MX", "10 a.multi.test.", "10 b.multi.test.")
+    dns_server.add("a.multi.test", "A", "127.0.5.11")
+    dns_server.add("b.multi.test", "A", "127.0.5.12")
+    seen = set()
+    for _ in range(30):
+        resolver = MXResolver((DNS_HOST,), port=dns_server.port, clock=clock)
+        seen.add(tuple(h.name for h in await resolver.resolve("multi.test")))
+    assert seen == {("a.multi.test", "b.multi.test"), ("b.multi.test", "a.multi.test")}
+
+
+async def test_resolver_implicit_mx(dns_server, resolver):
+    dns_server.add("plain.test", "A", "127.0.5.20")
+    hosts = await resolver.resolve("plain.test")
+    assert len(hosts) == 1
+    assert hosts[0].name == "plain.test"
+    assert hosts[0].implicit
+    assert hosts[0].addresses == ("127.0.5.20",)
+
+
+async def test_resolver_null_mx(dns_server, resolver):
+    dns_server.add("nomail.test", "MX", "0 .")
+    with pytest.raises(PermanentDNSFailure) as failure:
+        await resolver.resolve("nomail.test")
+    assert failure.value.status == "5.1.10"
+
+
+async def test_resolver_nxdomain(resolver):
+    with pytest.raises(PermanentDNSFailure) as failure:
+        await resolver.resolve("missing.test")
+    assert failure.value.status == "5.1.2"
+
+
+async def test_resolver_no_address_anywhere(dns_server, resolver):
+    dns_server.add("empty.test", "TXT", '"v=spf1 -all"')
+    with pytest.raises(PermanentDNSFailure) as failure:
+        await resolver.resolve("empty.test")
+    assert failure.value.status == "5.4.4"
+    dns_server.add("dangling.test", "MX", "10 gone.dangling.test.")
+    with pytest.raises(PermanentDNSFailure) as failure:
+        await resolver.resolve("dangling.test")
+    assert failure.value.status == "5.4.4"
+
+
+async def test_resolver_servfail_is_temporary(dns_server, resolver):
+    dns_server.servfail.add("broken.test")
+    with pytest.raises(TemporaryDNSFailure) as failure:
+        await resolver.resolve("broken.test")
+    assert failure.value.status == "4.4.3"
+
+
+async def test_resolver_timeout_is_temporary(clock):
+    # Port 9 of this address has no listener: every query times out or is refused.
+    resolver = MXResolver(("127.0.5.250",), port=9, timeout=0.3, clock=clock)
+    with pytest.raises(TemporaryDNSFailure):
+        await resolver.resolve("there.test")
+
+
+async def test_resolver_caches_for_ttl(dns_server, resolver, clock):
+    await resolver.resolve("there.test")
+    count = len(dns_server.queries)
+    await resolver.resolve("there.test")
+    assert len(dns_server.queries) == count
+    with pytest.raises(PermanentDNSFailure):
+        await resolver.resolve("missing.test")
+    negative = len(dns_server.queries)
+    with pytest.raises(PermanentDNSFailure):
+        await resolver.resolve("missing.test")
+    assert len(dns_server.queries) == negative
+    clock.advance(301)
+    await resolver.resolve("there.test")
+    assert len(dns_server.queries) > negative
+
+
+# Runner ------------------------------------------------------------------------
+
+
+async def test_relay_delivers_and_leaves_outbox(store, resolver, clock, peer):
+    runner = make_runner(store, resolver, clock)
+    queue_id = await submit(store, ["bob@there.test", "Carol@there.test"])
+    assert await runner.run_once() == 2
+    assert len(peer.handler.received) == 1
+    received = peer.handler.received[0]
+    assert received.sender == "alice@here.test"
+    assert received.recipients == ["bob@there.test", "Carol@there.test"]
+    assert received.data == MESSAGE
+    assert await store.list_queue() == []
+    assert await inbox_messages(store, "Outbox") == []
+    assert await runner.run_once() == 0
+    assert queue_id
+
+
+async def test_relay_peer_down_then_flush(store, resolver, clock):
+    runner = make_runner(store, resolver, clock)
+    queue_id = await submit(store, ["bob@there.test"])
+    assert await runner.run_once() == 1
+    entry = await store.get_queue_entry(queue_id)
+    (delivery,) = entry.deliveries
+    assert delivery.state == "deferred"
+    assert delivery.attempts == 1
+    assert "connection to mx.there.test[127.0.5.2] failed" in delivery.last_reply
+    assert delivery.next_attempt == clock() + dt.timedelta(seconds=300)
+    assert len(await inbox_messages(store, "Outbox")) == 1
+
+    peer = Peer(PEER_HOST, "there.test", port=PEER_PORT)
+    peer.start()
+    try:
+        assert await runner.run_once() == 0
+        assert await store.flush_queue(queue_id) == 1
+        assert await runner.run_once() == 1
+        assert await runner.run_once() == 0
+        assert peer.recipients() == ["bob@there.test"]
+    finally:
+        peer.stop()
+    assert await store.list_queue() == []
+
+
+async def test_relay_unknown_recipient_bounces(store, resolver, clock, peer):
+    runner = make_runner(store, resolver, clock)
+    queue_id = await submit(store, ["bob@there.test", "nobody@there.test"])
+    await runner.run_once()
+    assert peer.recipients() == ["bob@there.test"]
+    assert await store.list_queue() == []
+    (notice,) = await inbox_messages(store)
+    assert notice["Return-Path"] == "<>"
+    assert notice["Auto-Submitted"] == "auto-replied"
+    assert notice.get_content_type() == "multipart/report"
+    assert notice.get_param("report-type") == "delivery-status"
+    (status,) = delivery_status(notice)
+    assert status["Final-Recipient"] == "rfc822; nobody@there.test"
+    assert status["Action"] == "failed"
+    assert status["Status"] == "5.1.1"
+    assert status["Remote-MTA"] == "dns; mx.there.test"
+    assert status["Diagnostic-Code"].startswith("smtp; 550 5.1.1 <nobody@there.test>")
+    headers = [p for p in notice.walk() if p.get_content_type() == "text/rfc822-headers"]
+    assert b"Message-ID: <relay-test@here.test>" in headers[0].get_payload(decode=True)
+    assert queue_id in notice.as_string()
+    await runner.run_once()
+    assert peer.recipients() == ["bob@there.test"]
+
+
+async def test_relay_busy_recipient_deferred(store, resolver, clock, peer):
+    runner = make_runner(store, resolver, clock)
+    queue_id = await submit(store, ["bob@there.test", "busy@there.test"])
+    await runner.run_once()
+    entry = await store.get_queue_entry(queue_id)
+    states = {d.recipient: d for d in entry.deliveries}
+    assert states["bob@there.test"].state == "delivered"
+    assert states["busy@there.test"].state == "deferred"
+    assert "450 4.2.1" in states["busy@there.test"].last_reply
+    assert "(in reply to RCPT TO)" in states["busy@there.test"].last_reply
+    peer.handler.busy.clear()
+    clock.advance(300)
+    await runner.run_once()
+    assert peer.recipients() == ["bob@there.test", "busy@there.test"]
+    assert await store.list_queue() == []
+
+
+@pytest.mark.parametrize(
+    ("domain", "records", "status"),
+    [
+        ("nomail.test", {"MX": ["0 ."]}, "5.1.10"),
+        ("missing.test", None, "5.1.2"),
+    ],
+)
+async def test_relay_dns_permanent_failures(store, resolver, clock, dns_server, domain, records, status):
+    for rdtype, values in (records or {}).items():
+        dns_server.add(domain, rdtype, *values)
+    runner = make_runner(store, resolver, clock)
+    await submit(store, [f"user@{domain}"])
+    await runner.run_once()
+    assert await store.list_queue() == []
+    (notice,) = await inbox_messages(store)
+    (block,) = delivery_status(notice)
+    assert block["Status"] == status
+    assert block["Diagnostic-Code"].startswith("x-local; ")
+
+
+async def test_relay_implicit_mx(store, resolver, clock, dns_server):
+    dns_server.add("plain.test", "A", PEER_BACKUP)
+    backup = Peer(PEER_BACKUP, "plain.test", port=PEER_PORT)
+    backup.start()
+    try:
+        runner = make_runner(store, resolver, clock)
+        await submit(store, ["user@plain.test"])
+        await runner.run_once()
+        assert backup.recipients() == ["user@plain.test"]
+    finally:
+        backup.stop()
+
+
+async def test_relay_falls_back_to_next_mx(store, clock, dns_server):
+    dns_server.add("two.test", "MX", "10 primary.two.test.", "20 backup.two.test.")
+    dns_server.add("primary.two.test", "A", "127.0.5.4")  # nothing listens there
+    dns_server.add("backup.two.test", "A", PEER_BACKUP)
+    resolver = MXResolver((DNS_HOST,), port=dns_server.port, clock=clock)
+    backup = Peer(PEER_BACKUP, "two.test", port=PEER_PORT)
+    backup.start()
+    try:
+        runner = make_runner(store, resolver, clock)
+        await submit(store, ["user@two.test"])
+        await runner.run_once()
+        assert backup.recipients() == ["user@two.test"]
+    finally:
+        backup.stop()
+
+
+async def test_relay_servfail_retries_then_expires(store, resolver, clock, dns_server):
+    dns_server.servfail.add("broken.test")
+    runner = make_runner(store, resolver, clock, delay_warning=3600)
+    queue_id = await submit(store, ["user@broken.test"])
+    start = clock()
+    waits = []
+    while await store.list_queue():
+        assert await runner.run_once() == 1
+        entries = await store.list_queue()
+        if not entries:
+            break
+        (delivery,) = entries[0].deliveries
+        assert delivery.state == "deferred"
+        assert "DNS server failure for broken.test MX" in delivery.last_reply
+        waits.append((delivery.next_attempt - clock()).total_seconds())
+        clock.now = delivery.next_attempt
+    assert waits[:6] == [300, 600, 1200, 2400, 4000, 4000]
+    assert clock() - start >= dt.timedelta(days=5)
+    assert len(waits) < 120
+    notices = await inbox_messages(store)
+    assert [n["Subject"] for n in notices] == ["Delayed Mail (still being retried)", "Undelivered Mail Returned to Sender"]
+    (delayed,) = delivery_status(notices[0])
+    assert delayed["Action"] == "delayed"
+    assert delayed["Status"] == "4.4.3"
+    assert "Will-Retry-Until" in delayed
+    (failed,) = delivery_status(notices[1])
+    assert failed["Action"] == "failed"
+    assert failed["Status"] == "4.4.3"
+    assert queue_id
+
+
+async def test_relay_null_sender_never_bounces(store, resolver, clock):
+    runner = make_runner(store, resolver, clock)
+    await submit(store, ["user@missing.test"], sender="")
+    await runner.run_once()
+    assert await store.list_queue() == []
+    assert await inbox_messages(store) == []
+
+
+async def test_runner_wakes_on_submission(store, resolver, clock, peer):
+    runner = make_runner(store, resolver, clock)
+    runner.scan_interval = 60
+    runner.start()
+    try:
+        await asyncio.sleep(0)
+        await submit(store, ["bob@there.test"])
+        arrived = await asyncio.to_thread(peer.handler.arrived.wait, 10)
+        assert arrived
+    finally:
+        await runner.stop(5)
+    assert peer.recipients() == ["bob@there.test"]
