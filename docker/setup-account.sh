@@ -1,0 +1,20 @@
+#!/bin/sh
+# Create ACCOUNT with a generated password unless it exists. Also create the
+# store and the local CA before the MSA and MTA containers start: both share
+# them, and they must not create them at the same time.
+#   mailstack-setup-account ACCOUNT CONFIG
+# The password is written to /data/ACCOUNT.password (mode 0600) on first run.
+set -eu
+account="$1"
+config="$2"
+password_file="/data/${account}.password"
+
+mailstack tls show --config "$config" >/dev/null
+if mailstack user list --json --config "$config" | grep -q "\"address\": \"${account}\""; then
+    echo "account ${account} exists"
+    exit 0
+fi
+umask 077
+python -c 'import secrets; print(secrets.token_urlsafe(12))' >"$password_file"
+mailstack user add "$account" --password-stdin --config "$config" <"$password_file"
+echo "account ${account} created; password in ${password_file}"

@@ -1,0 +1,276 @@
+"""Build the demo world in its data folder, start it, and wait until every server answers.
+
+The steps are those an operator would take by hand, through the same commands:
+write each configuration, issue certificates from one CA, register both domains
+with ``mailstack bluebook add``, create the accounts with ``mailstack user add``,
+then run ``mailstack bluebook serve`` and one ``mailstack serve`` per domain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import secrets
+import shutil
+import ssl
+import time
+from pathlib import Path
+from typing import Any
+
+import dns.exception
+
+from mailstack import tls
+from mailstack.demo import probe
+from mailstack.demo.plan import MailServerPlan, World
+from mailstack.demo.processes import Child, ChildFailed, Supervisor, mailstack_command
+
+log = logging.getLogger(__name__)
+
+# Present in every folder the demo made, so that --fresh never deletes anything else.
+MARKER_FILE = ".mailstack-demo"
+PASSWORD_BYTES = 12
+TSIG_SECRET_BYTES = 32
+
+
+class WorldError(Exception):
+    """The demo world could not be set up or started; the message says why."""
+
+
+# The data folder -------------------------------------------------------------------
+
+
+def prepare_data_dir(world: World, fresh: bool) -> None:
+    """Create the data folder; with ``fresh``, delete a previous demo folder first."""
+    data_dir = world.data_dir
+    if data_dir.exists() and not data_dir.is_dir():
+        raise WorldError(f"{data_dir} exists and is not a folder")
+    if fresh and data_dir.exists():
+        if not (data_dir / MARKER_FILE).exists() and any(data_dir.iterdir()):
+            raise WorldError(
+                f"--fresh: {data_dir} is not empty and was not made by `mailstack demo` "
+                f"(no {MARKER_FILE} file); remove it yourself or choose another --data folder"
+            )
+        shutil.rmtree(data_dir)
+        log.info("removed the previous demo data in %s", data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if not (data_dir / MARKER_FILE).exists() and any(p.name != MARKER_FILE for p in data_dir.iterdir()):
+        raise WorldError(
+            f"{data_dir} is not empty and was not made by `mailstack demo`; choose another --data folder"
+        )
+    (data_dir / MARKER_FILE).write_text("This folder holds the data of `mailstack demo`.\n")
+    os.chmod(data_dir, 0o700)
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(text)
+    os.replace(temporary, path)
+
+
+def load_secrets(world: World) -> dict[str, Any]:
+    """Return the saved passwords and TSIG secret, generating whatever is missing."""
+    saved: dict[str, Any] = {}
+    if world.passwords_file.exists():
+        try:
+            saved = json.loads(world.passwords_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise WorldError(f"{world.passwords_file}: cannot read the saved passwords: {exc}") from None
+    passwords = dict(saved.get("accounts", {}))
+    for server in world.servers:
+        for account in server.accounts:
+            passwords.setdefault(account, secrets.token_urlsafe(PASSWORD_BYTES))
+    tsig = saved.get("tsig") or {
+        "name": "demo-key",
+        "algorithm": "hmac-sha256",
+        "secret": base64.b64encode(secrets.token_bytes(TSIG_SECRET_BYTES)).decode(),
+    }
+    document = {"accounts": passwords, "tsig": tsig}
+    _write_private(world.passwords_file, json.dumps(document, indent=2) + "\n")
+    return document
+
+
+def issue_certificates(world: World) -> None:
+    """Create the demo CA once and issue each mail server's certificate from it.
+
+    Each server's ``data/tls/ca.pem`` and ``ca.key`` are links to the shared CA, so
+    :func:`mailstack.tls.ensure_server_certificate` issues from that one CA.
+    """
+    tls.ensure_ca(world.tls_dir)
+    for server in world.servers:
+        tls_dir = world.server_tls_dir(server)
+        tls_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("ca.pem", "ca.key"):
+            link = tls_dir / name
+            target = Path(os.path.relpath(world.tls_dir / name, tls_dir))
+            if link.is_symlink() and Path(os.readlink(link)) == target:
+                continue
+            if link.exists() or link.is_symlink():
+                link.unlink()
+            link.symlink_to(target)
+        tls.ensure_server_certificate(tls_dir.parent, server.hostname, (server.address,))
+
+
+def render_bluebook_config(world: World, tsig: dict[str, str]) -> str:
+    return "\n".join(
+        [
+            "# Written by `mailstack demo` at every start; edits are overwritten.",
+            "[server]",
+            f"listen = [{json.dumps(world.bluebook.address)}]",
+            f"port = {world.bluebook.port}",
+            'data_dir = "data"',
+            f"shutdown_timeout = {world.shutdown_timeout}",
+            "",
+            "[keys]",
+            f"tsig = [{json.dumps(tsig['algorithm'] + ':' + tsig['name'] + ':' + tsig['secret'])}]",
+            "",
+            "[log]",
+            f"level = {json.dumps(world.log_level)}",
+            "",
+        ]
+    )
+
+
+def write_configs(world: World, tsig: dict[str, str]) -> None:
+    """Write the Blue Book's and each mail server's configuration (mode 0600: they hold secrets)."""
+    _write_private(world.bluebook_config, render_bluebook_config(world, tsig))
+    for server in world.servers:
+        _write_private(world.server_config(server), world.render_server_config(server))
+
+
+# Registration through the CLI ------------------------------------------------------
+
+
+def bluebook_add_command(world: World, server: MailServerPlan) -> list[str]:
+    """Return the `mailstack bluebook add` command that publishes ``server``'s domain."""
+    ports = server.ports
+    return mailstack_command(
+        "bluebook", "add", server.domain,
+        "--mx", server.hostname,
+        "--address", server.address,
+        "--submission-port", str(ports["submission"]),
+        "--submissions-port", str(ports["submissions"]),
+        "--imap-port", str(ports["imap"]),
+        "--imaps-port", str(ports["imaps"]),
+        "--config", str(world.bluebook_config),
+    )
+
+
+async def register(world: World, supervisor: Supervisor, passwords: dict[str, str]) -> None:
+    """Publish both domains in the Blue Book and create the accounts that do not exist yet."""
+    jobs = [
+        supervisor.run(f"bluebook add {server.domain}", bluebook_add_command(world, server))
+        for server in world.servers
+    ]
+    jobs += [_ensure_accounts(world, supervisor, server, passwords) for server in world.servers]
+    # Let every job finish so that no failure goes unreported, then raise the first.
+    results = await asyncio.gather(*jobs, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+
+
+async def _ensure_accounts(world: World, supervisor: Supervisor, server: MailServerPlan, passwords: dict[str, str]) -> None:
+    config = str(world.server_config(server))
+    listing = await supervisor.run(
+        f"user list {server.domain}", mailstack_command("user", "list", "--json", "--config", config)
+    )
+    existing = {row["address"] for row in json.loads(listing)}
+    for account in server.accounts:
+        # An existing account gets the saved password again, so world.json is always right.
+        action = "passwd" if account in existing else "add"
+        await supervisor.run(
+            f"user {action} {account}",
+            mailstack_command("user", action, account, "--password-stdin", "--config", config),
+            input_text=passwords[account] + "\n",
+        )
+
+
+# Start and readiness -----------------------------------------------------------------
+
+
+async def start_servers(world: World, supervisor: Supervisor) -> dict[str, Child]:
+    """Start the Blue Book and one `mailstack serve` process per domain."""
+    children = {
+        "bluebook": await supervisor.start(
+            "bluebook", mailstack_command("bluebook", "serve", "--config", str(world.bluebook_config))
+        )
+    }
+    for server in world.servers:
+        children[server.domain] = await supervisor.start(
+            server.domain, mailstack_command("serve", "--config", str(world.server_config(server)))
+        )
+    return children
+
+
+def readiness_probes(world: World, context: ssl.SSLContext) -> dict[str, Any]:
+    """Return one probe coroutine factory per listener, named like ``here.test submission 587``."""
+    probes: dict[str, Any] = {}
+    bluebook = world.bluebook
+    for server in world.servers:
+        probes[f"bluebook udp {bluebook.port} ({server.domain})"] = (
+            lambda zone=server.domain: probe.probe_dns(bluebook.address, bluebook.port, zone)
+        )
+    probes[f"bluebook tcp {bluebook.port}"] = lambda: probe.probe_dns(
+        bluebook.address, bluebook.port, world.servers[0].domain, tcp=True
+    )
+    for server in world.servers:
+        address, ports, name = server.address, server.ports, server.hostname
+        probes[f"{server.domain} smtp {ports['smtp']}"] = lambda a=address, p=ports["smtp"]: probe.probe_smtp(a, p)
+        probes[f"{server.domain} submission {ports['submission']}"] = (
+            lambda a=address, p=ports["submission"]: probe.probe_smtp(a, p)
+        )
+        probes[f"{server.domain} submissions {ports['submissions']}"] = (
+            lambda a=address, p=ports["submissions"], n=name: probe.probe_smtp(a, p, tls=context, server_hostname=n)
+        )
+        probes[f"{server.domain} imap {ports['imap']}"] = lambda a=address, p=ports["imap"]: probe.probe_imap(a, p)
+        probes[f"{server.domain} imaps {ports['imaps']}"] = (
+            lambda a=address, p=ports["imaps"], n=name: probe.probe_imap(a, p, tls=context, server_hostname=n)
+        )
+    return probes
+
+
+async def _until_answers(name: str, factory: Any, deadline: float) -> None:
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            await asyncio.wait_for(factory(), 2.0)
+            log.debug("%s answers", name)
+            return
+        except (OSError, probe.ProbeError, asyncio.TimeoutError, dns.exception.DNSException) as exc:
+            last_error = exc
+        # A refused connection returns at once; pause so the retries do not spin.
+        await asyncio.sleep(0.1)
+    raise WorldError(f"{name} did not answer in time: {type(last_error).__name__}: {last_error}")
+
+
+async def wait_until_ready(world: World, supervisor: Supervisor, timeout: float) -> None:
+    """Return once every listener answers its protocol; raise WorldError on timeout or a child's exit."""
+    context = ssl.create_default_context(cafile=str(world.ca_file))
+    deadline = time.monotonic() + timeout
+    probes = readiness_probes(world, context)
+    ready = asyncio.gather(*(_until_answers(name, factory, deadline) for name, factory in probes.items()))
+    failure = asyncio.create_task(supervisor.wait_for_failure())
+    try:
+        done, _ = await asyncio.wait({ready, failure}, return_when=asyncio.FIRST_COMPLETED)
+        if failure in done:
+            raise ChildFailed(failure.result())
+        ready.result()
+    finally:
+        failure.cancel()
+        ready.cancel()
+        await asyncio.gather(ready, failure, return_exceptions=True)
+
+
+def write_world_file(world: World, secrets_document: dict[str, Any], children: dict[str, Child]) -> dict[str, Any]:
+    """Write ``world.json`` (mode 0600: it holds the passwords) and return its content."""
+    description = world.describe(
+        secrets_document["accounts"], secrets_document["tsig"], {name: child.pid for name, child in children.items()}
+    )
+    _write_private(world.world_file, json.dumps(description, indent=2) + "\n")
+    return description

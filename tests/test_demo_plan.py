@@ -1,0 +1,170 @@
+"""The demo's layout, configuration files and command-line guards, without starting servers."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mailstack import config as config_module
+from mailstack.demo import plan, world as world_module
+from mailstack.settings import MailServerConfig
+
+# This file's share of the demo tests' loopback range 127.0.8.0/24.
+ADDRESSES = ("127.0.8.201", "127.0.8.202", "127.0.8.203")
+
+
+def _demo(*arguments: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mailstack", "demo", *arguments],
+        capture_output=True, text=True, timeout=60, cwd=cwd, stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("127.0.8.1,127.0.8.2", "three comma-separated"),
+        ("127.0.8.1,127.0.8.2,127.0.8.2", "must differ"),
+        ("127.0.8.1,10.0.0.1,127.0.8.3", "not a loopback"),
+        ("127.0.8.1,::1,127.0.8.3", "not a loopback IPv4"),
+        ("127.0.8.1,mail,127.0.8.3", "not an IP address"),
+    ],
+)
+def test_parse_addresses_rejects(text: str, message: str) -> None:
+    with pytest.raises(plan.PlanError, match=message):
+        plan.parse_addresses(text)
+
+
+def test_parse_addresses_accepts_loopback() -> None:
+    assert plan.parse_addresses(" 127.0.8.1, 127.0.8.2 ,127.0.8.3") == ("127.0.8.1", "127.0.8.2", "127.0.8.3")
+
+
+def test_port_offset_applies_to_all(tmp_path: Path) -> None:
+    world = plan.plan_world(tmp_path, ADDRESSES, 20000)
+    assert world.bluebook.port == 20053
+    for server in world.servers:
+        assert server.ports == {"smtp": 20025, "submission": 20587, "submissions": 20465, "imap": 20143, "imaps": 20993}
+
+
+def test_explicit_offset_is_kept() -> None:
+    assert plan.choose_port_offset(123, ADDRESSES[1]) == 123
+
+
+def test_port_in_use_is_reported(tmp_path: Path) -> None:
+    world = plan.plan_world(tmp_path, ADDRESSES, 30000)
+    assert plan.check_bindable(world) == []
+    with socket.socket() as holder:
+        holder.bind((ADDRESSES[2], 30587))
+        holder.listen()
+        problems = plan.check_bindable(world)
+    assert len(problems) == 1
+    assert problems[0].startswith(f"{ADDRESSES[2]}:30587/TCP: already in use")
+
+
+def test_configs_pass_config_check(tmp_path: Path) -> None:
+    world = plan.plan_world(tmp_path / "demo", ADDRESSES, 30000)
+    world_module.prepare_data_dir(world, fresh=False)
+    document = world_module.load_secrets(world)
+    world_module.issue_certificates(world)
+    world_module.write_configs(world, document["tsig"])
+
+    for server in world.servers:
+        path = world.server_config(server)
+        assert path.stat().st_mode & 0o077 == 0
+        loaded = config_module.load(MailServerConfig, path, environ={})
+        assert loaded.server.listen == (server.address,)
+        assert loaded.server.domains == (server.domain,)
+        assert loaded.submission.port == 30587
+        assert loaded.transfer.peer_port == loaded.transfer.port == 30025
+        assert loaded.transfer.nameservers == (world.bluebook.address,)
+        assert loaded.transfer.dns_port == 30053
+        assert loaded.transfer.tls_ca_file.resolve() == world.ca_file
+        assert loaded.tls.cert_file.is_file()
+        result = subprocess.run(
+            [sys.executable, "-m", "mailstack", "config", "check", str(path)], capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, result.stderr
+
+    bluebook_config = pytest.importorskip("mailstack.bluebook.config")
+    loaded = config_module.load(bluebook_config.BlueBookConfig, world.bluebook_config, environ={})
+    assert loaded.server.listen == (world.bluebook.address,)
+    assert loaded.server.port == 30053
+    assert loaded.keys.tsig[0].endswith(document["tsig"]["secret"])
+
+
+def test_certificates_from_one_ca(tmp_path: Path) -> None:
+    from cryptography import x509
+
+    world = plan.plan_world(tmp_path / "demo", ADDRESSES, 30000)
+    world_module.prepare_data_dir(world, fresh=False)
+    world_module.issue_certificates(world)
+    ca = x509.load_pem_x509_certificate(world.ca_file.read_bytes())
+    for server in world.servers:
+        certificate = x509.load_pem_x509_certificate((world.server_tls_dir(server) / "server.pem").read_bytes())
+        assert certificate.issuer == ca.subject
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert server.hostname in names.get_values_for_type(x509.DNSName)
+        assert [str(a) for a in names.get_values_for_type(x509.IPAddress)] == [server.address]
+
+
+def test_secrets_survive_rerun(tmp_path: Path) -> None:
+    world = plan.plan_world(tmp_path / "demo", ADDRESSES, 30000)
+    world_module.prepare_data_dir(world, fresh=False)
+    first = world_module.load_secrets(world)
+    assert set(first["accounts"]) == {"alice@here.test", "bob@there.test"}
+    assert world.passwords_file.stat().st_mode & 0o077 == 0
+    world_module.prepare_data_dir(world, fresh=False)
+    assert world_module.load_secrets(world) == first
+    world_module.prepare_data_dir(world, fresh=True)
+    assert world_module.load_secrets(world)["accounts"] != first["accounts"]
+
+
+def test_fresh_refuses_foreign_folder(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("keep me")
+    world = plan.plan_world(tmp_path, ADDRESSES, 30000)
+    with pytest.raises(world_module.WorldError, match="was not made by `mailstack demo`"):
+        world_module.prepare_data_dir(world, fresh=True)
+    with pytest.raises(world_module.WorldError, match="was not made by `mailstack demo`"):
+        world_module.prepare_data_dir(world, fresh=False)
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_cli_rejects_public_address(tmp_path: Path) -> None:
+    result = _demo("--addresses", "127.0.8.201,192.0.2.10,127.0.8.203", "--data", str(tmp_path / "d"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "192.0.2.10 is not a loopback IPv4 address" in result.stderr
+    assert not (tmp_path / "d").exists()
+
+
+def test_cli_reports_busy_port(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind((ADDRESSES[1], 31025))
+        holder.listen()
+        result = _demo(
+            "--addresses", ",".join(ADDRESSES), "--port-offset", "31000", "--data", str(tmp_path / "d"), cwd=tmp_path
+        )
+    assert result.returncode == 1
+    assert f"{ADDRESSES[1]}:31025/TCP: already in use" in result.stderr
+    assert not (tmp_path / "d").exists()
+
+
+def test_world_description_lists_accounts(tmp_path: Path) -> None:
+    world = plan.plan_world(tmp_path, ADDRESSES, 0)
+    passwords = {"alice@here.test": "a-secret", "bob@there.test": "b-secret"}
+    tsig = {"name": "demo-key", "algorithm": "hmac-sha256", "secret": "c2VjcmV0"}
+    description = json.loads(json.dumps(world.describe(passwords, tsig, {"here.test": 11})))
+    assert description["bluebook"]["address"] == ADDRESSES[0]
+    assert description["bluebook"]["port"] == 53
+    assert description["bluebook"]["tsig"] == tsig
+    here = description["servers"]["here.test"]
+    assert here["address"] == ADDRESSES[1]
+    assert here["ports"]["submission"] == 587
+    assert here["accounts"] == [{"address": "alice@here.test", "password": "a-secret"}]
+    assert here["pid"] == 11
+    assert description["servers"]["there.test"]["accounts"][0]["address"] == "bob@there.test"
+    assert description["ca_file"] == str(world.ca_file)
