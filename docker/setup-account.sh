@@ -3,11 +3,12 @@
 # store and the local CA before the MSA and MTA containers start: both share
 # them, and they must not create them at the same time.
 #   mailstack-setup-account ACCOUNT CONFIG
-# The password is written to /data/ACCOUNT.password (mode 0600) on first run.
+# The password is written to PASSWORD_DIR/ACCOUNT.password (mode 0600) on first
+# run; PASSWORD_DIR defaults to /data, the volume the store is on.
 set -eu
 account="$1"
 config="$2"
-password_file="/data/${account}.password"
+password_file="${PASSWORD_DIR:-/data}/${account}.password"
 
 mailstack tls show --config "$config" >/dev/null
 if mailstack user list --json --config "$config" | grep -q "\"address\": \"${account}\""; then

@@ -8,6 +8,7 @@ and ports must agree between the services that talk to each other.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import shlex
@@ -110,8 +111,9 @@ def test_dockerignore_keeps_needed_files() -> None:
         assert (DOCKER_DIR.parent / source).exists(), source
 
 
-def test_setup_script_is_executable() -> None:
-    script = DOCKER_DIR / "setup-account.sh"
+@pytest.mark.parametrize("name", ["setup-account.sh", "register-domain.sh"])
+def test_scripts_are_valid_sh(name: str) -> None:
+    script = DOCKER_DIR / name
     assert os.access(script, os.X_OK)
     result = subprocess.run(["sh", "-n", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -136,10 +138,20 @@ def test_configs_exist_and_pass_check(services: dict) -> None:
     assert checked == {"bluebook.toml", "here.toml", "there.toml"}
 
 
-def test_bluebook_setup_config_exists(services: dict) -> None:
+def _registrations(services: dict) -> dict[str, tuple[str, str, str, str, str]]:
+    """Return domain -> (config, MX host, MTA address, MSA host, MSA address) from bluebook-setup."""
     command = services["bluebook-setup"]["command"][0]
-    paths = set(re.findall(r"--config\s+(\S+)", command))
-    assert paths == {"/etc/mailstack/bluebook.toml"}
+    found = {}
+    for match in re.finditer(r"mailstack-register-domain((?:\s+\S+){6})", command):
+        config, domain, mx, mta_address, msa_host, msa_address = match.group(1).split()
+        found[domain] = (config, mx, mta_address, msa_host, msa_address)
+    return found
+
+
+def test_bluebook_setup_config_exists(services: dict) -> None:
+    registered = _registrations(services)
+    assert set(registered) == set(DOMAINS)
+    assert {entry[0] for entry in registered.values()} == {"/etc/mailstack/bluebook.toml"}
     assert (DOCKER_DIR / "config" / "bluebook.toml").is_file()
 
 
@@ -189,18 +201,15 @@ def test_mta_finds_peers_through_bluebook(services: dict) -> None:
     assert smtp_ports["there"][1] == smtp_ports["here"][0]
 
 
-def test_bluebook_points_mx_at_mta(services: dict) -> None:
-    command = services["bluebook-setup"]["command"][0]
-    registered = {
-        m.group(1): (m.group(2), m.group(3))
-        for m in re.finditer(r"bluebook add (\S+) --mx (\S+) --address (\S+)", command)
-    }
-    assert set(registered) == set(DOMAINS)
+def test_bluebook_points_at_containers(services: dict) -> None:
+    registered = _registrations(services)
     for domain in DOMAINS:
-        mx, address = registered[domain]
+        _, mx, mta_address, msa_host, msa_address = registered[domain]
         short = domain.split(".")[0]
-        assert address == _address(services[f"{short}-mta"])
+        assert mta_address == _address(services[f"{short}-mta"])
+        assert msa_address == _address(services[f"{short}-msa"])
         assert mx == _load_mail_config(services[f"{short}-mta"]).server.hostname
+        assert msa_host.endswith("." + domain)
 
 
 def test_healthchecks_probe_configured_ports(services: dict) -> None:
@@ -254,3 +263,67 @@ def test_setup_runs_before_servers(services: dict) -> None:
 def _bluebook_type() -> type:
     module = pytest.importorskip("mailstack.bluebook.config", reason="the Blue Book package is not on main yet")
     return module.BlueBookConfig
+
+
+# The setup scripts, run here against local files -------------------------------------------
+
+
+def _script_environment(tmp_path: Path) -> dict[str, str]:
+    """Return an environment where `mailstack` and `python` are this interpreter's."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, target in (("mailstack", f'exec "{sys.executable}" -m mailstack "$@"'), ("python", f'exec "{sys.executable}" "$@"')):
+        shim = bin_dir / name
+        shim.write_text(f"#!/bin/sh\n{target}\n")
+        shim.chmod(0o755)
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("MAILSTACK_")}
+    environment["PATH"] = f"{bin_dir}{os.pathsep}{environment['PATH']}"
+    return environment
+
+
+def test_register_domain_twice(tmp_path: Path) -> None:
+    _bluebook_type()
+    config = tmp_path / "bluebook.toml"
+    config.write_text('[server]\nlisten = ["127.0.8.250"]\ndata_dir = "data"\n')
+    environment = _script_environment(tmp_path)
+    command = ["sh", str(DOCKER_DIR / "register-domain.sh"), str(config), "here.test", "mail.here.test", "172.31.53.10", "msa.here.test", "172.31.53.11"]
+    first = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=60)
+    assert first.returncode == 0, first.stderr
+    assert "add done" in first.stdout
+    command[5] = "172.31.53.12"
+    second = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=60)
+    assert second.returncode == 0, second.stderr
+    assert "update done" in second.stdout
+
+    shown = subprocess.run(
+        [sys.executable, "-m", "mailstack", "bluebook", "show", "here.test", "--json", "--config", str(config)],
+        capture_output=True, text=True, env=environment, timeout=60,
+    )
+    assert shown.returncode == 0, shown.stderr
+    records = {(r["name"], r["type"], r["data"]) for r in json.loads(shown.stdout)["records"]}
+    assert ("here.test.", "MX", "10 mail.here.test.") in records
+    assert ("mail.here.test.", "A", "172.31.53.12") in records
+    assert ("mail.here.test.", "A", "172.31.53.10") not in records
+    assert ("msa.here.test.", "A", "172.31.53.11") in records
+    assert ("_submission._tcp.here.test.", "SRV", "0 1 587 msa.here.test.") in records
+
+
+def test_setup_account_twice(tmp_path: Path) -> None:
+    config = tmp_path / "here.toml"
+    config.write_text('[server]\ndomains = ["here.test"]\nhostname = "mail.here.test"\nlisten = ["0.0.0.0"]\ndata_dir = "data"\n')
+    environment = _script_environment(tmp_path)
+    environment["PASSWORD_DIR"] = str(tmp_path)
+    command = ["sh", str(DOCKER_DIR / "setup-account.sh"), "alice@here.test", str(config)]
+    first = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=60)
+    assert first.returncode == 0, first.stderr
+    assert "account alice@here.test created" in first.stdout
+    password_file = tmp_path / "alice@here.test.password"
+    assert password_file.stat().st_mode & 0o077 == 0
+    password = password_file.read_text().strip()
+    assert len(password) >= 16
+    assert (tmp_path / "data" / "tls" / "server.pem").is_file()
+
+    second = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=60)
+    assert second.returncode == 0, second.stderr
+    assert "account alice@here.test exists" in second.stdout
+    assert password_file.read_text().strip() == password

@@ -62,7 +62,7 @@ class ChildFailed(Exception):
 class Supervisor:
     """Start, watch and stop the demo's child processes; copy their output to ``sink``."""
 
-    def __init__(self, sink: TextIO, *, tag_width: int = 10) -> None:
+    def __init__(self, sink: TextIO, *, tag_width: int = 11) -> None:
         self.sink = sink
         self.tag_width = tag_width
         self.children: list[Child] = []

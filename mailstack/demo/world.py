@@ -146,13 +146,14 @@ def write_configs(world: World, tsig: dict[str, str]) -> None:
 # Registration through the CLI ------------------------------------------------------
 
 
-def bluebook_add_command(world: World, server: MailServerPlan) -> list[str]:
-    """Return the `mailstack bluebook add` command that publishes ``server``'s domain."""
+def bluebook_register_command(world: World, server: MailServerPlan, verb: str) -> list[str]:
+    """Return the `mailstack bluebook add` (or `update`) command that publishes ``server``'s domain."""
     ports = server.ports
     return mailstack_command(
-        "bluebook", "add", server.domain,
+        "bluebook", verb, server.domain,
         "--mx", server.hostname,
         "--address", server.address,
+        "--ns-address", world.bluebook.address,
         "--submission-port", str(ports["submission"]),
         "--submissions-port", str(ports["submissions"]),
         "--imap-port", str(ports["imap"]),
@@ -162,17 +163,24 @@ def bluebook_add_command(world: World, server: MailServerPlan) -> list[str]:
 
 
 async def register(world: World, supervisor: Supervisor, passwords: dict[str, str]) -> None:
-    """Publish both domains in the Blue Book and create the accounts that do not exist yet."""
-    jobs = [
-        supervisor.run(f"bluebook add {server.domain}", bluebook_add_command(world, server))
-        for server in world.servers
-    ]
+    """Publish both domains in the Blue Book and create or update the accounts."""
+    jobs = [_register_domains(world, supervisor)]
     jobs += [_ensure_accounts(world, supervisor, server, passwords) for server in world.servers]
     # Let every job finish so that no failure goes unreported, then raise the first.
     results = await asyncio.gather(*jobs, return_exceptions=True)
     for result in results:
         if isinstance(result, BaseException):
             raise result
+
+
+async def _register_domains(world: World, supervisor: Supervisor) -> None:
+    config = str(world.bluebook_config)
+    listing = await supervisor.run("bluebook list", mailstack_command("bluebook", "list", "--json", "--config", config))
+    existing = {row["domain"].rstrip(".") for row in json.loads(listing)}
+    for server in world.servers:
+        # A zone from an earlier run is updated, so changed addresses or ports take effect.
+        verb = "update" if server.domain in existing else "add"
+        await supervisor.run(f"bluebook {verb} {server.domain}", bluebook_register_command(world, server, verb))
 
 
 async def _ensure_accounts(world: World, supervisor: Supervisor, server: MailServerPlan, passwords: dict[str, str]) -> None:
