@@ -604,7 +604,7 @@ class _Reader:
         if self.peek() == 0x5C:
             self.pos += 1
             name = self.atom("a flag name").decode("ascii")
-            canonical = _SYSTEM_FLAGS.get(name.upper())
+            canonical = _SYSTEM_FLAGS.get("\\" + name.upper())
             return canonical if canonical is not None else "\\" + name
         return self.atom("a flag").decode("ascii")
 
