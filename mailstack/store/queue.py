@@ -105,6 +105,7 @@ class QueueEntry:
     size: int
     created: dt.datetime
     delay_warned: bool
+    content_sha256: str
     deliveries: list[DeliveryInfo] = field(default_factory=list)
 
 
@@ -365,6 +366,7 @@ class QueueMixin(StoreBase):
                 size=m.size,
                 created=m.created,
                 delay_warned=m.delay_warned,
+                content_sha256=m.content_sha256,
                 deliveries=deliveries[m.queue_id],
             )
             for m in messages
