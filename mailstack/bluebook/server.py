@@ -249,6 +249,10 @@ class BlueBookServer:
                 await self._answer_tcp(data, peer, writer)
         except ConnectionError as exc:
             log.debug("TCP connection from %s failed: %s", peer, exc)
+        except asyncio.CancelledError:
+            # Shutdown cancels idle sessions. Ending normally keeps asyncio's
+            # stream callback (Python 3.11) from logging the cancellation as an error.
+            log.debug("TCP connection from %s closed at shutdown", peer)
         finally:
             self._sessions.pop(task, None)
             writer.close()
