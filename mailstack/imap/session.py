@@ -1,0 +1,796 @@
+"""IMAP command handlers run against the store, one ``Session`` per connection.
+
+The session never touches the socket: the connection in ``server.py`` parses
+each command, calls :meth:`Session.handle`, and writes what the session
+queued with ``emit`` followed by the tagged reply. Errors are raised as the
+``ImapError`` subclasses of ``response.py``, each rendering its own NO or BAD
+with an RFC 5530 response code.
+
+States (RFC 3501 section 3) and the commands each allows:
+
+================  =====================================================
+not authenticated CAPABILITY NOOP LOGOUT ID STARTTLS LOGIN AUTHENTICATE
+authenticated     the above except STARTTLS/LOGIN/AUTHENTICATE, plus
+                  SELECT EXAMINE CREATE DELETE RENAME SUBSCRIBE
+                  UNSUBSCRIBE LIST LSUB STATUS APPEND NAMESPACE ENABLE
+                  IDLE
+selected          the above plus CHECK CLOSE UNSELECT EXPUNGE SEARCH
+                  FETCH STORE COPY MOVE and their UID forms
+================  =====================================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import enum
+import importlib.metadata
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mailstack.imap import commands as c
+from mailstack.imap import response as r
+from mailstack.imap.fetch import FetchRenderer
+from mailstack.imap.search import search
+from mailstack.imap.throttle import LoginThrottle
+from mailstack.imap.view import MailboxView, Update, flag_names, split_flags
+from mailstack.settings import IMAPSection
+from mailstack.store import INBOX, OUTBOX, AlreadyExists, NotFound, Store, StoreError
+from mailstack.store.messages import FlagMode, MessageState
+from mailstack.store.models import Flag
+
+log = logging.getLogger(__name__)
+
+try:
+    SERVER_VERSION = importlib.metadata.version("mailstack")
+except importlib.metadata.PackageNotFoundError:  # running from a source tree without metadata
+    SERVER_VERSION = "unknown"
+
+DELIMITER = "/"
+MAX_MAILBOX_NAME = 1000
+# Messages whose content is read from the store in one query during FETCH.
+FETCH_BATCH = 250
+SPECIAL_USE_ATTRIBUTES = ("\\All", "\\Archive", "\\Drafts", "\\Flagged", "\\Junk", "\\Sent", "\\Trash")
+SYSTEM_FLAG_LIST = ["\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft"]
+
+
+class State(enum.Enum):
+    NOT_AUTHENTICATED = "not authenticated"
+    AUTHENTICATED = "authenticated"
+    SELECTED = "selected"
+    LOGOUT = "logout"
+
+
+ANY_STATE = (c.Capability, c.Noop, c.Logout, c.Id)
+NOT_AUTHENTICATED_ONLY = (c.StartTLS, c.Login, c.Authenticate)
+SELECTED_ONLY = (c.Check, c.Close, c.Unselect, c.Expunge, c.Search, c.Fetch, c.Store, c.Copy, c.Move)
+# Non-UID forms of these must not cause EXPUNGE responses (RFC 3501 section 7.4.1).
+NO_EXPUNGE_COMMANDS = (c.Fetch, c.Store, c.Search)
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """The peer of one connection, for logs and throttling."""
+
+    address: str
+    port: int
+    session_id: str
+
+
+class ChangeHub:
+    """Wakes the sessions that have a mailbox selected when the store commits a change to it.
+
+    It is one store listener for every session of the service, so a commit
+    costs one dictionary lookup per changed mailbox.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self._waiters: dict[int, set[asyncio.Event]] = {}
+        self._remove = store.add_mailbox_listener(self._changed)
+
+    def _changed(self, mailbox_ids: frozenset[int]) -> None:
+        for mailbox_id in mailbox_ids:
+            for event in self._waiters.get(mailbox_id, ()):
+                event.set()
+
+    def watch(self, mailbox_id: int, event: asyncio.Event) -> None:
+        self._waiters.setdefault(mailbox_id, set()).add(event)
+
+    def unwatch(self, mailbox_id: int, event: asyncio.Event) -> None:
+        waiters = self._waiters.get(mailbox_id)
+        if waiters is not None:
+            waiters.discard(event)
+            if not waiters:
+                del self._waiters[mailbox_id]
+
+    def close(self) -> None:
+        self._remove()
+
+
+def mailbox_pattern(reference: str, pattern: str) -> re.Pattern[str]:
+    """Compile a LIST pattern: ``*`` matches anything, ``%`` anything but the delimiter."""
+    if reference.endswith(DELIMITER) and pattern.startswith(DELIMITER):
+        pattern = pattern[1:]
+    full = reference + pattern
+    parts = []
+    for char in full:
+        if char == "*":
+            parts.append(".*")
+        elif char == "%":
+            parts.append("[^" + re.escape(DELIMITER) + "]*")
+        else:
+            parts.append(re.escape(char))
+    text = "".join(parts)
+    # INBOX is case-insensitive: match it in any case at the start of the pattern.
+    if full[:5].upper() == "INBOX":
+        text = "(?i:INBOX)" + "".join(parts[5:])
+    return re.compile(text + r"\Z", re.DOTALL)
+
+
+class Session:
+    """The state of one IMAP session and a handler per command."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        config: IMAPSection,
+        hub: ChangeHub,
+        throttle: LoginThrottle,
+        client: ClientInfo,
+        tls_active: bool,
+        emit: Callable[[bytes], None],
+        drain: Callable[[], object],
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.hub = hub
+        self.throttle = throttle
+        self.client = client
+        self.tls_active = tls_active
+        self.emit = emit
+        self._drain = drain
+        self.state = State.NOT_AUTHENTICATED
+        self.account_id: int | None = None
+        self.username: str | None = None
+        self.view: MailboxView | None = None
+        self.changed = asyncio.Event()
+
+    # Capabilities -----------------------------------------------------------------
+
+    def capabilities(self) -> list[str]:
+        names = ["IMAP4rev1", "LITERAL+", "ID", "ENABLE", "IDLE", "NAMESPACE", "UNSELECT"]
+        if self.state is State.NOT_AUTHENTICATED:
+            if self.tls_active:
+                names += ["AUTH=PLAIN", "SASL-IR"]
+            else:
+                names += ["STARTTLS", "LOGINDISABLED"]
+        else:
+            names += [
+                "UIDPLUS",
+                "MOVE",
+                "SPECIAL-USE",
+                "CHILDREN",
+                f"APPENDLIMIT={self.config.append_limit}",
+            ]
+        return names
+
+    def capability_code(self) -> bytes:
+        return b"CAPABILITY " + " ".join(self.capabilities()).encode("ascii")
+
+    # Dispatch -----------------------------------------------------------------------
+
+    def check_state(self, command: c.Command) -> None:
+        """Raise BAD when ``command`` is not allowed in the current state."""
+        if isinstance(command, ANY_STATE):
+            return
+        if self.state is State.NOT_AUTHENTICATED:
+            if not isinstance(command, NOT_AUTHENTICATED_ONLY):
+                raise r.BadCommand(f"{command.name} is not allowed before login")
+            return
+        if isinstance(command, NOT_AUTHENTICATED_ONLY):
+            raise r.BadCommand(f"{command.name} is not allowed after login")
+        if isinstance(command, SELECTED_ONLY) and self.state is not State.SELECTED:
+            raise r.BadCommand(f"{command.name} needs a selected mailbox; use SELECT first")
+
+    async def handle(self, command: c.Command) -> bytes:
+        """Run one command; queue untagged responses with ``emit`` and return the tagged reply."""
+        self.check_state(command)
+        handler = HANDLERS.get(type(command))
+        if handler is None:
+            raise r.BadCommand(f"{command.NAME} is not supported here")
+        reply = await handler(self, command)
+        if self.state is State.SELECTED and not isinstance(command, (c.Select, c.Examine)):
+            allow_expunge = not isinstance(command, NO_EXPUNGE_COMMANDS) or getattr(command, "uid", False)
+            await self.sync(allow_expunge=allow_expunge)
+        return reply
+
+    def ok(self, command: c.Command, text: str | None = None, code: bytes | None = None) -> bytes:
+        return r.tagged(command.tag, b"OK", text or f"{command.name} completed", code)
+
+    # Change notification ----------------------------------------------------------
+
+    async def sync(self, *, allow_expunge: bool) -> bool:
+        """Read changes to the selected mailbox and emit them; return True if anything was sent."""
+        view = self.view
+        if view is None:
+            return False
+        self.changed.clear()
+        try:
+            changes = await self.store.changes_since(view.mailbox_id, view.modseq)
+        except NotFound:
+            # Another session deleted the selected mailbox: nothing in the view is valid any more.
+            self._deselect()
+            raise r.Bye("the selected mailbox was deleted by another session")
+        update = view.apply(changes, allow_expunge=allow_expunge)
+        self.emit_update(update)
+        return bool(update)
+
+    def emit_update(self, update: Update) -> None:
+        view = self.view
+        assert view is not None
+        for sequence_number in update.expunged:
+            self.emit(b"* %d EXPUNGE\r\n" % sequence_number)
+        if update.new_keywords:
+            self.emit_flags()
+        if update.exists is not None:
+            self.emit(b"* %d EXISTS\r\n" % update.exists)
+        for sequence_number, state in update.fetches:
+            self.emit(
+                r.fetch_response(
+                    sequence_number,
+                    [b"UID %d" % state.uid, b"FLAGS " + r.flag_list(flag_names(state.flags, state.keywords))],
+                )
+            )
+
+    def emit_flags(self) -> None:
+        view = self.view
+        assert view is not None
+        keywords = sorted(view.keywords, key=str.lower)
+        self.emit(r.untagged(b"FLAGS " + r.flag_list(SYSTEM_FLAG_LIST + keywords)))
+        if view.read_only:
+            self.emit(r.untagged_status(b"OK", "no permanent flags in a read-only mailbox", b"PERMANENTFLAGS ()"))
+        else:
+            permanent = r.flag_list(SYSTEM_FLAG_LIST + keywords + ["\\*"])
+            self.emit(r.untagged_status(b"OK", "flags and keywords can be stored", b"PERMANENTFLAGS " + permanent))
+
+    def _deselect(self) -> None:
+        if self.view is not None:
+            self.hub.unwatch(self.view.mailbox_id, self.changed)
+        self.view = None
+        if self.state is State.SELECTED:
+            self.state = State.AUTHENTICATED
+
+    def close(self) -> None:
+        self._deselect()
+        self.state = State.LOGOUT
+
+    # Any state ------------------------------------------------------------------
+
+    async def do_capability(self, command: c.Capability) -> bytes:
+        self.emit(r.untagged(b"CAPABILITY " + " ".join(self.capabilities()).encode("ascii")))
+        return self.ok(command)
+
+    async def do_noop(self, command: c.Noop) -> bytes:
+        return self.ok(command)
+
+    async def do_logout(self, command: c.Logout) -> bytes:
+        self.emit(r.untagged_status(b"BYE", "logging out"))
+        self.close()
+        return self.ok(command)
+
+    async def do_id(self, command: c.Id) -> bytes:
+        if command.parameters:
+            fields = ", ".join(f"{k}={v!r}" for k, v in command.parameters[:10])
+            log.info("session %s: client ID %s", self.client.session_id, fields[:300])
+        self.emit(r.untagged(b"ID " + r.encode(["name", "mailstack", "version", SERVER_VERSION])))
+        return self.ok(command)
+
+    # Login ------------------------------------------------------------------------
+
+    async def do_login(self, command: c.Login) -> bytes:
+        return await self.login(command.tag, command.username, command.password, command.name)
+
+    async def do_authenticate(self, command: c.Authenticate) -> bytes:
+        # The connection reads a missing initial response and passes it in as ``initial_response``.
+        if command.mechanism != "PLAIN":
+            raise r.CommandFailed(f"unsupported SASL mechanism {command.mechanism[:32]}; use PLAIN", code=b"CANNOT")
+        if not self.tls_active:
+            raise r.PrivacyRequired("AUTHENTICATE needs TLS first: use STARTTLS or port 993")
+        username, password = parse_plain(command.initial_response or b"")
+        return await self.login(command.tag, username, password, command.name)
+
+    async def login(self, tag: str, username: str, password: str, verb: str) -> bytes:
+        if not self.tls_active:
+            raise r.PrivacyRequired(f"{verb} needs TLS first: use STARTTLS or port 993")
+        address = self.client.address
+        if self.throttle.is_locked(address, username):
+            log.warning("session %s: login for %r rejected: too many failures from %s", self.client.session_id, username[:100], address)
+            await asyncio.sleep(self.throttle.delay)
+            raise r.Unavailable("too many failed logins; try again later")
+        account = await self.store.authenticate(username, password)
+        if account is None:
+            delay = self.throttle.record_failure(address, username)
+            log.warning("session %s: login failed for %r from %s", self.client.session_id, username[:100], address)
+            await asyncio.sleep(delay)
+            raise r.AuthenticationFailed("invalid user name or password")
+        self.throttle.record_success(address, account.address)
+        self.account_id = account.id
+        self.username = account.address
+        self.state = State.AUTHENTICATED
+        log.info("session %s: %s logged in from %s", self.client.session_id, account.address, address)
+        return r.tagged(tag, b"OK", f"{verb} completed", self.capability_code())
+
+    # Authenticated state ------------------------------------------------------------
+
+    async def _mailbox(self, name: str, *, missing: type[r.CommandFailed] = r.Nonexistent):
+        assert self.account_id is not None
+        mailbox = await self.store.get_mailbox(self.account_id, name)
+        if mailbox is None:
+            raise missing(f"mailbox {name[:200]} does not exist")
+        return mailbox
+
+    async def do_select(self, command: c.Select | c.Examine) -> bytes:
+        read_only = isinstance(command, c.Examine)
+        if self.view is not None:
+            self._deselect()
+        mailbox = await self._mailbox(command.mailbox)
+        self.hub.watch(mailbox.id, self.changed)
+        try:
+            mailbox_row, states = await self.store.message_states(mailbox.id)
+        except NotFound:
+            self.hub.unwatch(mailbox.id, self.changed)
+            raise r.Nonexistent(f"mailbox {command.mailbox[:200]} does not exist") from None
+        view = MailboxView(
+            mailbox_row.id,
+            mailbox_row.name,
+            mailbox_row.uidvalidity,
+            mailbox_row.uidnext,
+            mailbox_row.highestmodseq,
+            states,
+            read_only=read_only,
+        )
+        self.view = view
+        self.state = State.SELECTED
+        self.emit_flags()
+        self.emit(b"* %d EXISTS\r\n* 0 RECENT\r\n" % view.exists)
+        unseen = view.unseen_first()
+        if unseen is not None:
+            self.emit(r.untagged_status(b"OK", f"message {unseen} is the first unseen", b"UNSEEN %d" % unseen))
+        self.emit(r.untagged_status(b"OK", "UIDs valid", b"UIDVALIDITY %d" % view.uidvalidity))
+        self.emit(r.untagged_status(b"OK", "predicted next UID", b"UIDNEXT %d" % view.uidnext))
+        code = b"READ-ONLY" if read_only else b"READ-WRITE"
+        return self.ok(command, code=code)
+
+    do_examine = do_select
+
+    def _check_new_name(self, name: str) -> str:
+        name = name.rstrip(DELIMITER) if name.endswith(DELIMITER) else name
+        if not name:
+            raise r.Cannot("a mailbox name must not be empty")
+        if len(name) > MAX_MAILBOX_NAME:
+            raise r.Cannot(f"mailbox names are limited to {MAX_MAILBOX_NAME} characters")
+        if name.startswith(DELIMITER) or DELIMITER * 2 in name:
+            raise r.Cannot("a mailbox name must not start with the delimiter / or contain an empty level")
+        if any(char in name for char in "*%") or any(ord(char) < 0x20 or ord(char) == 0x7F for char in name):
+            raise r.Cannot("a mailbox name must not contain *, % or control characters")
+        return name
+
+    async def do_create(self, command: c.Create) -> bytes:
+        assert self.account_id is not None
+        name = self._check_new_name(command.mailbox)
+        if name.upper() == INBOX:
+            raise r.AlreadyExists("INBOX always exists")
+        special_use = None
+        if command.special_use:
+            if len(command.special_use) > 1 or command.special_use[0] not in SPECIAL_USE_ATTRIBUTES:
+                raise r.CommandFailed("unsupported special-use attribute", code=b"USEATTR")
+            special_use = command.special_use[0]
+        # Create missing parents too, so that the hierarchy has no holes (RFC 3501 CREATE).
+        levels = name.split(DELIMITER)
+        for depth in range(1, len(levels)):
+            parent = DELIMITER.join(levels[:depth])
+            if await self.store.get_mailbox(self.account_id, parent) is None:
+                try:
+                    await self.store.create_mailbox(self.account_id, parent)
+                except AlreadyExists:
+                    pass
+        try:
+            await self.store.create_mailbox(self.account_id, name, special_use=special_use)
+        except AlreadyExists:
+            raise r.AlreadyExists(f"mailbox {name[:200]} already exists") from None
+        log.info("session %s: %s created mailbox %r", self.client.session_id, self.username, name)
+        return self.ok(command)
+
+    async def do_delete(self, command: c.Delete) -> bytes:
+        assert self.account_id is not None
+        mailbox = await self._mailbox(command.mailbox)
+        if mailbox.name == INBOX or mailbox.name == OUTBOX or mailbox.special_use:
+            raise r.Cannot(f"mailbox {mailbox.name[:200]} is a system mailbox and cannot be deleted")
+        children = [m for m in await self.store.list_mailboxes(self.account_id) if m.name.startswith(mailbox.name + DELIMITER)]
+        if children:
+            raise r.Cannot(f"mailbox {mailbox.name[:200]} has child mailboxes; delete them first")
+        if self.view is not None and self.view.mailbox_id == mailbox.id:
+            self._deselect()
+        try:
+            await self.store.delete_mailbox(self.account_id, mailbox.name)
+        except NotFound:
+            raise r.Nonexistent(f"mailbox {mailbox.name[:200]} does not exist") from None
+        except StoreError as exc:
+            raise r.Cannot(str(exc)) from None
+        log.info("session %s: %s deleted mailbox %r", self.client.session_id, self.username, mailbox.name)
+        return self.ok(command)
+
+    async def do_rename(self, command: c.Rename) -> bytes:
+        assert self.account_id is not None
+        source = await self._mailbox(command.old_name)
+        new_name = self._check_new_name(command.new_name)
+        if new_name.upper() == INBOX or await self.store.get_mailbox(self.account_id, new_name) is not None:
+            raise r.AlreadyExists(f"mailbox {new_name[:200]} already exists")
+        if source.name == OUTBOX:
+            raise r.Cannot("the Outbox cannot be renamed: submission stores queued mail there")
+        if new_name.startswith(source.name + DELIMITER):
+            raise r.Cannot("a mailbox cannot be renamed into its own hierarchy")
+        if source.name == INBOX:
+            # RFC 3501: renaming INBOX moves its messages into the new mailbox and leaves INBOX empty.
+            target = await self.store.create_mailbox(self.account_id, new_name)
+            moved = await self.store.move_all_messages(source.id, target.id)
+            log.info("session %s: INBOX renamed to %r, %d messages moved", self.client.session_id, new_name, moved)
+            return self.ok(command)
+        try:
+            await self.store.rename_mailbox(self.account_id, source.name, new_name)
+        except NotFound:
+            raise r.Nonexistent(f"mailbox {source.name[:200]} does not exist") from None
+        except AlreadyExists:
+            raise r.AlreadyExists(f"mailbox {new_name[:200]} already exists") from None
+        if self.view is not None and self.view.mailbox_id == source.id:
+            # The selected mailbox got a new name and UIDVALIDITY: the session's view is stale.
+            self._deselect()
+            self.emit(r.untagged_status(b"OK", "the selected mailbox was renamed and is now closed", b"CLOSED"))
+        log.info("session %s: %s renamed %r to %r", self.client.session_id, self.username, source.name, new_name)
+        return self.ok(command)
+
+    async def do_subscribe(self, command: c.Subscribe | c.Unsubscribe) -> bytes:
+        assert self.account_id is not None
+        try:
+            await self.store.set_subscribed(self.account_id, command.mailbox, isinstance(command, c.Subscribe))
+        except NotFound:
+            raise r.Nonexistent(f"mailbox {command.mailbox[:200]} does not exist") from None
+        return self.ok(command)
+
+    do_unsubscribe = do_subscribe
+
+    async def do_list(self, command: c.List | c.Lsub) -> bytes:
+        assert self.account_id is not None
+        lsub = isinstance(command, c.Lsub)
+        patterns = (command.pattern,) if lsub else command.patterns
+        selection = () if lsub else command.selection_options
+        returns = () if lsub else command.return_options
+        if not lsub and len(patterns) == 1 and patterns[0] == "" and not selection:
+            # LIST "" "": the hierarchy delimiter and the root name (RFC 3501 section 6.3.8).
+            self.emit(b'* LIST (\\Noselect) "/" ""\r\n')
+            return self.ok(command)
+        mailboxes = await self.store.list_mailboxes(self.account_id)
+        names = {m.name for m in mailboxes}
+        compiled = [mailbox_pattern(command.reference, pattern) for pattern in patterns]
+        verb = b"LSUB" if lsub else b"LIST"
+        subscribed_only = lsub or "SUBSCRIBED" in selection
+        special_only = "SPECIAL-USE" in selection
+        for mailbox in sorted(mailboxes, key=lambda m: (m.name != INBOX, m.name)):
+            if not any(p.match(mailbox.name) for p in compiled):
+                continue
+            if subscribed_only and not mailbox.subscribed:
+                continue
+            if special_only and not mailbox.special_use:
+                continue
+            attributes = []
+            if not lsub:
+                has_children = any(n.startswith(mailbox.name + DELIMITER) for n in names)
+                attributes.append("\\HasChildren" if has_children else "\\HasNoChildren")
+                if mailbox.special_use:
+                    attributes.append(mailbox.special_use)
+                if "SUBSCRIBED" in selection or "SUBSCRIBED" in returns:
+                    if mailbox.subscribed:
+                        attributes.append("\\Subscribed")
+            line = verb + b" " + r.flag_list(attributes) + b' "/" ' + r.mailbox(mailbox.name)
+            self.emit(r.untagged(line))
+        return self.ok(command)
+
+    do_lsub = do_list
+
+    async def do_status(self, command: c.Status) -> bytes:
+        mailbox = await self._mailbox(command.mailbox)
+        status = await self.store.mailbox_status(mailbox.id)
+        values = {
+            c.StatusItem.MESSAGES: status.messages,
+            c.StatusItem.RECENT: 0,
+            c.StatusItem.UIDNEXT: status.uidnext,
+            c.StatusItem.UIDVALIDITY: status.uidvalidity,
+            c.StatusItem.UNSEEN: status.unseen,
+            c.StatusItem.HIGHESTMODSEQ: status.highestmodseq,
+            c.StatusItem.APPENDLIMIT: self.config.append_limit,
+            c.StatusItem.SIZE: status.size,
+        }
+        items = b" ".join(item.value.encode("ascii") + b" %d" % values[item] for item in command.items)
+        self.emit(r.untagged(b"STATUS " + r.mailbox(mailbox.name) + b" (" + items + b")"))
+        return self.ok(command)
+
+    async def do_append(self, command: c.Append) -> bytes:
+        mailbox = await self._mailbox(command.mailbox, missing=r.TryCreate)
+        if mailbox.name == OUTBOX:
+            raise r.Cannot("the Outbox holds only mail submitted for relay; send mail through SMTP submission")
+        if len(command.message) > self.config.append_limit:
+            raise r.TooBig(f"message exceeds the APPEND limit of {self.config.append_limit} bytes")
+        if not command.message:
+            raise r.Cannot("an empty message cannot be appended")
+        flags, keywords = split_flags(command.flags)
+        appended = await self.store.append(
+            mailbox.id, command.message, flags=flags, keywords=keywords, internal_date=command.internal_date
+        )
+        log.info(
+            "session %s: appended %d bytes to %r as UID %d",
+            self.client.session_id, len(command.message), mailbox.name, appended.uid,
+        )
+        return self.ok(command, code=b"APPENDUID %d %d" % (appended.uidvalidity, appended.uid))
+
+    async def do_namespace(self, command: c.Namespace) -> bytes:
+        self.emit(b'* NAMESPACE (("" "/")) NIL NIL\r\n')
+        return self.ok(command)
+
+    async def do_enable(self, command: c.Enable) -> bytes:
+        # No ENABLE-able extension is announced yet, so none is enabled (RFC 5161 allows this).
+        self.emit(b"* ENABLED\r\n")
+        return self.ok(command)
+
+    async def do_idle(self, command: c.Idle) -> bytes:
+        raise AssertionError("IDLE is run by the connection")  # pragma: no cover
+
+    # Selected state -----------------------------------------------------------------
+
+    def _view(self) -> MailboxView:
+        assert self.view is not None
+        return self.view
+
+    def _require_writable(self, what: str) -> MailboxView:
+        view = self._view()
+        if view.read_only:
+            raise r.ReadOnly(f"{what} is not allowed: the mailbox was opened with EXAMINE")
+        return view
+
+    def resolve(self, sequence_set, uid: bool) -> list[int]:
+        """Return the UIDs a sequence set names in the session's view."""
+        view = self._view()
+        if uid:
+            return [u for u in sequence_set.resolve_uids(view.uids)]
+        return [view.uids[n - 1] for n in sequence_set.resolve(view.exists)]
+
+    async def do_check(self, command: c.Check) -> bytes:
+        return self.ok(command)
+
+    async def do_close(self, command: c.Close) -> bytes:
+        view = self._view()
+        if not view.read_only:
+            expunged = await self.store.expunge(view.mailbox_id)
+            if expunged:
+                log.info("session %s: CLOSE expunged %d messages", self.client.session_id, len(expunged))
+        self._deselect()
+        return self.ok(command)
+
+    async def do_unselect(self, command: c.Unselect) -> bytes:
+        self._deselect()
+        return self.ok(command)
+
+    async def do_expunge(self, command: c.Expunge) -> bytes:
+        view = self._require_writable("EXPUNGE")
+        uids = None
+        if command.uid_set is not None:
+            uids = command.uid_set.resolve_uids(view.uids)
+            if not uids:
+                return self.ok(command)
+        expunged = await self.store.expunge(view.mailbox_id, uids)
+        for sequence_number in view.remove_own_expunges(expunged):
+            self.emit(b"* %d EXPUNGE\r\n" % sequence_number)
+        if expunged:
+            log.info("session %s: expunged %d messages from %r", self.client.session_id, len(expunged), view.name)
+        return self.ok(command)
+
+    async def do_search(self, command: c.Search) -> bytes:
+        view = self._view()
+        if command.charset is not None and command.charset.upper() not in ("UTF-8", "US-ASCII"):
+            raise r.BadCharset(f"charset {command.charset[:40]} is not supported")
+        if not command.uid:
+            # Changes from others may add messages, but not remove them, before a plain SEARCH.
+            await self.sync(allow_expunge=False)
+        uids = await search(self.store, view, command.key)
+        if command.uid:
+            numbers = uids
+        else:
+            numbers = [view.sequence_of(uid) or 0 for uid in uids]
+        line = b"SEARCH" + b"".join(b" %d" % n for n in numbers if n)
+        self.emit(r.untagged(line))
+        return self.ok(command)
+
+    async def do_fetch(self, command: c.Fetch) -> bytes:
+        view = self._view()
+        if command.changed_since is not None:
+            raise r.BadCommand("CHANGEDSINCE needs CONDSTORE, which this server does not announce")
+        uids = self.resolve(command.sequence_set, command.uid)
+        uids = [uid for uid in uids if view.live(uid)]
+        if not uids:
+            return self.ok(command)
+        renderer = FetchRenderer(command.attributes, include_uid=command.uid)
+        sets_seen = renderer.sets_seen and not view.read_only
+        for start in range(0, len(uids), FETCH_BATCH if renderer.needs_content else len(uids)):
+            batch = uids[start : start + (FETCH_BATCH if renderer.needs_content else len(uids))]
+            messages = await self.store.fetch_messages(view.mailbox_id, batch, content=renderer.needs_content)
+            seen_changes: dict[int, MessageState] = {}
+            if sets_seen:
+                unseen = [m.uid for m in messages if not m.flags & Flag.SEEN]
+                if unseen:
+                    changed = await self.store.store_flags(view.mailbox_id, unseen, FlagMode.ADD, int(Flag.SEEN))
+                    view.record_own_changes(changed)
+                    seen_changes = {state.uid: state for state in changed}
+            for message in messages:
+                sequence_number = view.sequence_of(message.uid)
+                if sequence_number is None:
+                    continue
+                state = seen_changes.get(message.uid)
+                self.emit(renderer.render(sequence_number, message, state))
+            await self._drain()
+        return self.ok(command)
+
+    async def do_store(self, command: c.Store) -> bytes:
+        view = self._require_writable("STORE")
+        if command.unchanged_since is not None:
+            raise r.BadCommand("UNCHANGEDSINCE needs CONDSTORE, which this server does not announce")
+        if any(flag.lower() == "\\recent" for flag in command.flags):
+            raise r.Cannot("\\Recent is set by the server and cannot be stored")
+        uids = [uid for uid in self.resolve(command.sequence_set, command.uid) if view.live(uid)]
+        if not uids:
+            return self.ok(command)
+        flags, keywords = split_flags(command.flags)
+        mode = {
+            c.StoreAction.REPLACE: FlagMode.REPLACE,
+            c.StoreAction.ADD: FlagMode.ADD,
+            c.StoreAction.REMOVE: FlagMode.REMOVE,
+        }[command.action]
+        changed = await self.store.store_flags(view.mailbox_id, uids, mode, flags, keywords)
+        if view.record_own_changes(changed):
+            self.emit_flags()
+        if not command.silent:
+            for uid in uids:
+                sequence_number = view.sequence_of(uid)
+                state = view.states.get(uid)
+                if sequence_number is None or state is None:
+                    continue
+                items = [b"FLAGS " + r.flag_list(flag_names(state.flags, state.keywords))]
+                if command.uid:
+                    items.append(b"UID %d" % uid)
+                self.emit(r.fetch_response(sequence_number, items))
+        return self.ok(command)
+
+    async def _target(self, name: str):
+        mailbox = await self._mailbox(name, missing=r.TryCreate)
+        if mailbox.name == OUTBOX:
+            raise r.Cannot("messages cannot be copied or moved into the Outbox; send mail through SMTP submission")
+        return mailbox
+
+    async def do_copy(self, command: c.Copy) -> bytes:
+        view = self._view()
+        target = await self._target(command.mailbox)
+        uids = [uid for uid in self.resolve(command.sequence_set, command.uid) if view.live(uid)]
+        if not uids:
+            return self.ok(command)
+        result = await self.store.copy_messages(view.mailbox_id, target.id, uids)
+        if not result.source_uids:
+            return self.ok(command)
+        code = b"COPYUID %d %s %s" % (
+            result.uidvalidity,
+            uid_set_text(result.source_uids).encode("ascii"),
+            uid_set_text(result.target_uids).encode("ascii"),
+        )
+        return self.ok(command, code=code)
+
+    async def do_move(self, command: c.Move) -> bytes:
+        view = self._require_writable("MOVE")
+        target = await self._target(command.mailbox)
+        if target.id == view.mailbox_id:
+            raise r.Cannot("source and target mailbox are the same")
+        uids = [uid for uid in self.resolve(command.sequence_set, command.uid) if view.live(uid)]
+        if not uids:
+            return self.ok(command)
+        result = await self.store.move_messages(view.mailbox_id, target.id, uids)
+        if result.source_uids:
+            code = b"COPYUID %d %s %s" % (
+                result.uidvalidity,
+                uid_set_text(result.source_uids).encode("ascii"),
+                uid_set_text(result.target_uids).encode("ascii"),
+            )
+            self.emit(r.untagged_status(b"OK", "moved", code))
+        for sequence_number in view.remove_own_expunges(result.source_uids):
+            self.emit(b"* %d EXPUNGE\r\n" % sequence_number)
+        log.info(
+            "session %s: moved %d messages from %r to %r",
+            self.client.session_id, len(result.source_uids), view.name, target.name,
+        )
+        return self.ok(command)
+
+
+def uid_set_text(uids: list[int]) -> str:
+    """Return UIDs in the order given as a compact set, keeping pairs aligned for COPYUID."""
+    parts: list[str] = []
+    start = previous = None
+    for uid in uids:
+        if start is None:
+            start = previous = uid
+        elif uid == previous + 1:
+            previous = uid
+        else:
+            parts.append(str(start) if start == previous else f"{start}:{previous}")
+            start = previous = uid
+    if start is not None:
+        parts.append(str(start) if start == previous else f"{start}:{previous}")
+    return ",".join(parts)
+
+
+def parse_plain(data: bytes) -> tuple[str, str]:
+    """Split a SASL PLAIN message (RFC 4616) into user name and password."""
+    pieces = data.split(b"\x00")
+    if len(pieces) != 3:
+        raise r.BadCommand("invalid SASL PLAIN response: expected authzid NUL authcid NUL password")
+    authzid, authcid, password = pieces
+    try:
+        username = authcid.decode("utf-8")
+        secret = password.decode("utf-8")
+        authorize_as = authzid.decode("utf-8")
+    except UnicodeDecodeError:
+        raise r.BadCommand("invalid SASL PLAIN response: not UTF-8") from None
+    if authorize_as and authorize_as.lower() != username.lower():
+        raise r.AuthorizationFailed("logging in as another user is not allowed")
+    return username, secret
+
+
+def decode_sasl_line(line: bytes) -> bytes:
+    """Decode a base64 SASL continuation line; ``*`` cancels the exchange (BAD)."""
+    text = line.strip()
+    if text == b"*":
+        raise r.BadCommand("authentication cancelled")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise r.BadCommand("invalid base64 in the SASL response") from None
+
+
+HANDLERS = {
+    c.Capability: Session.do_capability,
+    c.Noop: Session.do_noop,
+    c.Logout: Session.do_logout,
+    c.Id: Session.do_id,
+    c.Login: Session.do_login,
+    c.Authenticate: Session.do_authenticate,
+    c.Select: Session.do_select,
+    c.Examine: Session.do_examine,
+    c.Create: Session.do_create,
+    c.Delete: Session.do_delete,
+    c.Rename: Session.do_rename,
+    c.Subscribe: Session.do_subscribe,
+    c.Unsubscribe: Session.do_unsubscribe,
+    c.List: Session.do_list,
+    c.Lsub: Session.do_lsub,
+    c.Status: Session.do_status,
+    c.Append: Session.do_append,
+    c.Namespace: Session.do_namespace,
+    c.Enable: Session.do_enable,
+    c.Check: Session.do_check,
+    c.Close: Session.do_close,
+    c.Unselect: Session.do_unselect,
+    c.Expunge: Session.do_expunge,
+    c.Search: Session.do_search,
+    c.Fetch: Session.do_fetch,
+    c.Store: Session.do_store,
+    c.Copy: Session.do_copy,
+    c.Move: Session.do_move,
+}
