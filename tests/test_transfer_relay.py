@@ -304,6 +304,19 @@ async def test_relay_dns_permanent_failures(store, resolver, clock, dns_server, 
     assert block["Diagnostic-Code"].startswith("x-local; ")
 
 
+async def test_relay_mx_pointing_here_bounces(store, resolver, clock, dns_server):
+    dns_server.add("loop.test", "MX", "10 mx.here.test.")
+    dns_server.add("mx.here.test", "A", "127.0.5.9")
+    runner = make_runner(store, resolver, clock)
+    await submit(store, ["user@loop.test"])
+    await runner.run_once()
+    assert await store.list_queue() == []
+    (notice,) = await inbox_messages(store)
+    (block,) = delivery_status(notice)
+    assert block["Status"] == "5.4.6"
+    assert "loops back to myself" in block["Diagnostic-Code"]
+
+
 async def test_relay_implicit_mx(store, resolver, clock, dns_server):
     dns_server.add("plain.test", "A", PEER_BACKUP)
     backup = Peer(PEER_BACKUP, "plain.test", port=PEER_PORT)

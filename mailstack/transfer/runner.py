@@ -29,7 +29,7 @@ from mailstack.store.models import DeliveryState
 from mailstack.store.queue import AttemptResult, ClaimedDelivery, Notice
 from mailstack.transfer.client import ClientSettings, Reply, Sender, local_failure
 from mailstack.transfer.dsn import RecipientStatus, build_dsn
-from mailstack.transfer.resolver import DNSFailure, MXResolver
+from mailstack.transfer.resolver import DNSFailure, MailHost, MXResolver
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,9 @@ class QueueRunner:
         self.clock = clock or store.clock
         self.owner = owner or _worker_id()
         self._connections = asyncio.Semaphore(max_connections)
+        # Groups claimed but not finished, at most; a lease must not run out while
+        # its group waits for a connection slot.
+        self._max_in_flight = 2 * max_connections
         self._per_domain_limit = max_connections_per_domain
         self._per_domain: dict[str, asyncio.Semaphore] = defaultdict(
             lambda: asyncio.Semaphore(self._per_domain_limit)
@@ -151,22 +154,32 @@ class QueueRunner:
     async def _scan(self, *, wait: bool) -> int:
         total = 0
         while not self._stopping:
-            claimed = await self.store.claim_due(self.owner, self.lease_time, limit=CLAIM_BATCH)
+            if not wait and len(self._groups) >= self._max_in_flight:
+                # A finishing group wakes the loop, which then claims more.
+                break
+            # Each claimed row makes at most one group, so the in-flight bound holds.
+            limit = CLAIM_BATCH if wait else min(CLAIM_BATCH, self._max_in_flight - len(self._groups))
+            claimed = await self.store.claim_due(self.owner, self.lease_time, limit=limit)
             if not claimed:
                 break
             total += len(claimed)
             tasks = [self._spawn(group) for group in _group(claimed)]
             if wait:
                 await asyncio.gather(*tasks)
-            if len(claimed) < CLAIM_BATCH:
+            if len(claimed) < limit:
                 break
         return total
 
     def _spawn(self, group: list[ClaimedDelivery]) -> asyncio.Task:
         task = asyncio.create_task(self._attempt_guarded(group))
         self._groups.add(task)
-        task.add_done_callback(self._groups.discard)
+        task.add_done_callback(self._group_done)
         return task
+
+    def _group_done(self, task: asyncio.Task) -> None:
+        self._groups.discard(task)
+        if len(self._groups) == self._max_in_flight - 1:
+            self.wake()
 
     # One attempt ------------------------------------------------------------
 
@@ -193,13 +206,18 @@ class QueueRunner:
         data = await self.store.load_content(first.content_sha256)
 
         try:
-            hosts = await self.resolver.resolve(first.domain)
+            hosts = self._without_self(await self.resolver.resolve(first.domain))
         except DNSFailure as exc:
             log.info("%s: DNS: %s (%s)", log_id, exc.text, exc.status)
             failure = local_failure(exc.status, exc.text)
             replies = {recipient: failure for recipient in recipients}
         else:
-            replies = await self.sender.send(hosts, first.envelope_sender, recipients, data, log_id=log_id)
+            if hosts:
+                replies = await self.sender.send(hosts, first.envelope_sender, recipients, data, log_id=log_id)
+            else:
+                log.warning("%s: the best MX host of %s is this server", log_id, first.domain)
+                failure = local_failure("5.4.6", f"mail for {first.domain} loops back to myself")
+                replies = {recipient: failure for recipient in recipients}
 
         now = self.clock()
         results, bounced, deferred = self._classify(group, replies, now)
@@ -215,6 +233,14 @@ class QueueRunner:
             )
         for queue_id in finished:
             log.info("%s: every recipient is final; the message left the queue", queue_id)
+
+    def _without_self(self, hosts: list[MailHost]) -> list[MailHost]:
+        """Drop this server and every less preferred host from an MX list (RFC 5321 section 5.1)."""
+        own = self.reporting_mta.lower().rstrip(".")
+        for host in hosts:
+            if host.name == own:
+                return [h for h in hosts if h.preference < host.preference]
+        return hosts
 
     def _classify(
         self, group: Sequence[ClaimedDelivery], replies: dict[str, Reply], now: dt.datetime
