@@ -58,6 +58,8 @@ async def probe_smtp(host: str, port: int, *, tls: ssl.SSLContext | None = None,
                 break
         writer.write(b"QUIT\r\n")
         await writer.drain()
+        # Wait for the 221 reply, so the server sees an orderly end of the session.
+        await reader.readline()
         return line.decode(errors="replace").strip()
     finally:
         writer.close()
@@ -71,12 +73,17 @@ async def probe_imap(host: str, port: int, *, tls: ssl.SSLContext | None = None,
     """Return the IMAP greeting of ``host:port`` after checking it is ``* OK``; send LOGOUT."""
     reader, writer = await _open(host, port, tls, server_hostname)
     try:
-        line = await _read_line(reader)
-        if not line.upper().startswith(b"* OK"):
-            raise ProbeError(f"expected an IMAP '* OK' greeting, got {line[:80]!r}")
+        greeting = await _read_line(reader)
+        if not greeting.upper().startswith(b"* OK"):
+            raise ProbeError(f"expected an IMAP '* OK' greeting, got {greeting[:80]!r}")
         writer.write(b"p1 LOGOUT\r\n")
         await writer.drain()
-        return line.decode(errors="replace").strip()
+        # Read up to the tagged reply, so the server sees an orderly end of the session.
+        while True:
+            reply = await reader.readline()
+            if not reply or reply.startswith(b"p1 "):
+                break
+        return greeting.decode(errors="replace").strip()
     finally:
         writer.close()
         try:
