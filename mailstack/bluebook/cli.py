@@ -374,7 +374,7 @@ def record_remove(name: str, rdtype: str | None, data: tuple[str, ...], config_p
                 continue
             remaining = dns.rdataset.Rdataset(IN, current_type, ttl=current.ttl)
             for existing in current:
-                if rdata is None or existing != rdata:
+                if rdata is not None and existing != rdata:
                     remaining.add(existing)
             if owner == content.origin and current_type == dns.rdatatype.NS and not remaining:
                 if target_type is not None:
