@@ -397,3 +397,134 @@ async def test_runner_wakes_on_submission(store, resolver, clock, peer):
     finally:
         await runner.stop(5)
     assert peer.recipients() == ["bob@there.test"]
+
+
+# Peer replies, TLS and limits ----------------------------------------------------
+
+
+async def test_relay_mail_refused_bounces_all(store, resolver, clock):
+    peer = Peer(PEER_HOST, "there.test", port=PEER_PORT, mail_reply="553 5.7.1 Sender rejected by policy")
+    peer.start()
+    try:
+        runner = make_runner(store, resolver, clock)
+        await submit(store, ["bob@there.test", "carol@there.test"])
+        await runner.run_once()
+    finally:
+        peer.stop()
+    (notice,) = await inbox_messages(store)
+    blocks = delivery_status(notice)
+    assert [b["Status"] for b in blocks] == ["5.7.1", "5.7.1"]
+    assert "(in reply to MAIL FROM)" in notice.as_string()
+
+
+async def test_relay_data_tempfail_defers(store, resolver, clock):
+    peer = Peer(PEER_HOST, "there.test", port=PEER_PORT, data_reply="451 4.3.0 Queue full")
+    peer.start()
+    try:
+        runner = make_runner(store, resolver, clock)
+        queue_id = await submit(store, ["bob@there.test"])
+        await runner.run_once()
+    finally:
+        peer.stop()
+    (delivery,) = (await store.get_queue_entry(queue_id)).deliveries
+    assert delivery.state == "deferred"
+    assert delivery.last_reply.endswith("451 4.3.0 Queue full (in reply to DATA)")
+
+
+async def test_relay_utf8_needs_peer_support(store, resolver, clock):
+    peer = Peer(PEER_HOST, "there.test", port=PEER_PORT, smtputf8=False)
+    peer.start()
+    try:
+        runner = make_runner(store, resolver, clock)
+        await submit(store, ["jörg@there.test"])
+        await runner.run_once()
+    finally:
+        peer.stop()
+    assert peer.recipients() == []
+    (notice,) = await inbox_messages(store)
+    (block,) = delivery_status(notice)
+    assert block["Status"] == "5.6.7"
+    assert block["Final-Recipient"].startswith("utf-8; ")
+
+
+async def test_relay_utf8_with_peer_support(store, resolver, clock, peer):
+    runner = make_runner(store, resolver, clock)
+    await submit(store, ["jörg@there.test"])
+    await runner.run_once()
+    assert peer.recipients() == ["jörg@there.test"]
+
+
+async def test_relay_per_domain_connection_limit(store, resolver, clock):
+    peer = Peer(PEER_HOST, "there.test", port=PEER_PORT, data_delay=0.2)
+    peer.start()
+    try:
+        runner = make_runner(store, resolver, clock)
+        runner._per_domain_limit = 2
+        for index in range(6):
+            await submit(store, [f"user{index}@there.test"])
+        assert await runner.run_once() == 6
+    finally:
+        peer.stop()
+    assert len(peer.recipients()) == 6
+    assert peer.handler.max_active == 2
+
+
+def tls_peer_context(tmp_path):
+    from mailstack import tls
+
+    files = tls.ensure_server_certificate(tmp_path / "peer-tls", "mx.there.test", (PEER_HOST,))
+    return files, tls.server_context(files)
+
+
+def tls_runner(store, resolver, clock, policy: str, ca_file=None) -> QueueRunner:
+    runner = make_runner(store, resolver, clock)
+    runner.sender = Sender(
+        ClientSettings(
+            local_hostname="mx.here.test", port=PEER_PORT, tls_policy=policy, tls_ca_file=ca_file,
+            connect_timeout=2, command_timeout=5,
+        )
+    )
+    return runner
+
+
+@pytest.mark.parametrize(
+    ("policy", "peer_tls", "trusted", "expected_state", "tls_sessions"),
+    [
+        ("opportunistic", True, False, "delivered", 1),
+        ("opportunistic", False, False, "delivered", 0),
+        ("none", True, False, "delivered", 0),
+        ("required", False, False, "deferred", 0),
+        ("required", True, False, "delivered", 1),
+        ("verify", True, True, "delivered", 1),
+        ("verify", True, False, "deferred", 0),
+    ],
+)
+async def test_relay_tls_policy(tmp_path, store, resolver, clock, policy, peer_tls, trusted, expected_state, tls_sessions):
+    files, context = tls_peer_context(tmp_path)
+    if trusted:
+        ca_file = files.ca_file
+    else:
+        # Another CA that did not issue the peer's certificate.
+        from mailstack import tls
+
+        ca_file = tls.ensure_server_certificate(tmp_path / "other-ca", "other", ()).ca_file
+    peer = Peer(PEER_HOST, "there.test", port=PEER_PORT, tls_context=context if peer_tls else None)
+    peer.start()
+    try:
+        runner = tls_runner(store, resolver, clock, policy, ca_file)
+        queue_id = await submit(store, ["bob@there.test", "carol@there.test"])
+        await runner.run_once()
+    finally:
+        peer.stop()
+    assert peer.handler.tls_sessions == tls_sessions
+    entries = await store.list_queue()
+    if expected_state == "delivered":
+        assert entries == []
+        assert len(peer.recipients()) == 2
+    else:
+        (entry,) = entries
+        assert entry.queue_id == queue_id
+        assert {d.state for d in entry.deliveries} == {"deferred"}
+        reply = entry.deliveries[0].last_reply
+        assert ("4.7.4" in reply or "does not offer STARTTLS" in reply) if not peer_tls else "TLS handshake" in reply
+        assert peer.recipients() == []

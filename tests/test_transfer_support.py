@@ -128,10 +128,37 @@ class PeerHandler:
     unknown: set[str] = field(default_factory=set)
     busy: set[str] = field(default_factory=set)
     received: list[Received] = field(default_factory=list)
+    mail_reply: str | None = None
+    data_reply: str | None = None
+    data_delay: float = 0.0
+    active: int = 0
+    max_active: int = 0
+    tls_sessions: int = 0
     stall_rcpt: bool = False
     release: threading.Event = field(default_factory=threading.Event)
     stalled: threading.Event = field(default_factory=threading.Event)
     arrived: threading.Event = field(default_factory=threading.Event)
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        if self.mail_reply:
+            return self.mail_reply
+        self.active += 1
+        session.counted = True
+        self.max_active = max(self.max_active, self.active)
+        if session.ssl is not None:
+            self.tls_sessions += 1
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
+
+    async def handle_RSET(self, server, session, envelope):
+        self._end_transaction(session)
+        return "250 2.0.0 OK"
+
+    def _end_transaction(self, session) -> None:
+        if getattr(session, "counted", False):
+            session.counted = False
+            self.active -= 1
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         if self.stall_rcpt:
@@ -147,6 +174,12 @@ class PeerHandler:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server, session, envelope):
+        if self.data_delay:
+            # A slow peer: keeps the transaction open so that concurrency can be counted.
+            await asyncio.sleep(self.data_delay)
+        self._end_transaction(session)
+        if self.data_reply:
+            return self.data_reply
         self.received.append(Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
         self.arrived.set()
         return "250 2.0.0 Ok: queued"
@@ -155,7 +188,16 @@ class PeerHandler:
 class Peer:
     """An aiosmtpd SMTP server on ``host``:``port`` with a PeerHandler."""
 
-    def __init__(self, host: str, domain: str, port: int = 25, **handler_options) -> None:
+    def __init__(
+        self,
+        host: str,
+        domain: str,
+        port: int = 25,
+        *,
+        tls_context=None,
+        smtputf8: bool = True,
+        **handler_options,
+    ) -> None:
         self.handler = PeerHandler(domain, **handler_options)
         self.controller = Controller(
             self.handler,
@@ -163,8 +205,9 @@ class Peer:
             port=port,
             server_hostname=f"mx.{domain}",
             decode_data=False,
-            enable_SMTPUTF8=True,
+            enable_SMTPUTF8=smtputf8,
             ready_timeout=10,
+            tls_context=tls_context,
         )
 
     def start(self) -> None:

@@ -31,6 +31,7 @@ class RecipientStatus:
     diagnostic: str  # the peer's reply or a local explanation
     remote_mta: str | None = None
     smtp_reply: bool = False  # True when ``diagnostic`` is a reply from ``remote_mta``
+    description: str = ""  # the line for people, for example "host said: ... (in reply to RCPT TO)"
 
 
 def _clean(text: str) -> str:
@@ -163,6 +164,6 @@ def _human_text(
         ]
     lines.append("")
     for status in recipients:
-        lines.append(f"<{status.recipient}>: {' '.join(status.diagnostic.split())}")
+        lines.append(f"<{status.recipient}>: {' '.join((status.description or status.diagnostic).split())}")
     lines += ["", f"Queue id: {queue_id}", ""]
     return "\r\n".join(lines)

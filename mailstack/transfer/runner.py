@@ -326,6 +326,7 @@ class QueueRunner:
                     diagnostic=f"{reply.code} {reply.text}" if reply.code else reply.text,
                     remote_mta=reply.remote_host.split("[")[0] if reply.remote_host else None,
                     smtp_reply=bool(reply.code),
+                    description=reply.describe(),
                 )
                 for delivery, reply in entries
             ],
