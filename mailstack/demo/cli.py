@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import signal
 import sys
@@ -54,7 +53,7 @@ async def _run(world: World, supervisor: Supervisor, *, fresh: bool, check: bool
     children = await world_module.start_servers(world, supervisor)
     await world_module.wait_until_ready(world, supervisor, timeout)
     description = world_module.write_world_file(world, secrets_document, children)
-    log.info("every server answered after %.2f s", time.monotonic() - started)
+    log.info("every server responded %.2f s after start", time.monotonic() - started)
 
     if check:
         click.echo(f"{READY_LINE} (check mode)")
@@ -154,7 +153,7 @@ async def run_demo(world: World, *, fresh: bool, check: bool, timeout: float, si
     type=click.FloatRange(1, 3600),
     default=60.0,
     show_default=True,
-    help="Seconds allowed for the servers to answer at start-up, and for each mail in --check.",
+    help="Seconds allowed for the servers to respond at start-up, and for each mail in --check.",
 )
 @click.option(
     "--log-file",
@@ -184,7 +183,7 @@ def demo(
     """Run a Blue Book and two mail servers, here.test and there.test, on loopback addresses.
 
     Prints the passwords, the CA file and commands for swaks, dig, curl, Python,
-    Thunderbird and mutt once every server answers, then runs until Ctrl-C or SIGTERM.
+    Thunderbird and mutt once every server responds, then runs until Ctrl-C or SIGTERM.
     """
     obj = context.obj or {}
     logs.setup(obj.get("log_level") or "INFO", obj.get("log_format") or "text")
@@ -204,8 +203,3 @@ def demo(
         sink = files.enter_context(log_file.open("a", encoding="utf-8")) if log_file else sys.stderr
         status = asyncio.run(run_demo(world, fresh=fresh, check=check, timeout=timeout, sink=sink))
     sys.exit(status)
-
-
-def load_world(data_dir: Path) -> dict:
-    """Return the world.json of a running demo in ``data_dir``."""
-    return json.loads((data_dir / "world.json").read_text())

@@ -1,4 +1,4 @@
-"""The text `mailstack demo` prints once the world answers: passwords, CA and commands to paste."""
+"""The text `mailstack demo` prints once every server responds: passwords, CA and commands to paste."""
 
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ PASSWORDS_FILE = "passwords.json"
 
 
 class PlanError(Exception):
-    """The world cannot be laid out as requested; the message says what to change."""
+    """The world cannot be laid out as requested; the message names the value to change."""
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ MAX_LINE = 4096
 
 
 class ProbeError(Exception):
-    """The server did not answer as the protocol requires; the message says what came back."""
+    """The server's response broke the protocol or never came; the message shows what was received."""
 
 
 async def _read_line(reader: asyncio.StreamReader) -> bytes:
@@ -58,7 +58,7 @@ async def probe_smtp(host: str, port: int, *, tls: ssl.SSLContext | None = None,
                 break
         writer.write(b"QUIT\r\n")
         await writer.drain()
-        # Wait for the 221 reply, so the server sees an orderly end of the session.
+        # Wait for the 221 reply, so the server logs an orderly end of the session.
         await reader.readline()
         return line.decode(errors="replace").strip()
     finally:
@@ -78,7 +78,7 @@ async def probe_imap(host: str, port: int, *, tls: ssl.SSLContext | None = None,
             raise ProbeError(f"expected an IMAP '* OK' greeting, got {greeting[:80]!r}")
         writer.write(b"p1 LOGOUT\r\n")
         await writer.drain()
-        # Read up to the tagged reply, so the server sees an orderly end of the session.
+        # Read up to the tagged reply, so the server logs an orderly end of the session.
         while True:
             reply = await reader.readline()
             if not reply or reply.startswith(b"p1 "):
@@ -102,11 +102,11 @@ async def probe_dns(host: str, port: int, zone: str, *, tcp: bool = False, timeo
     if response.rcode() != dns.rcode.NOERROR:
         raise ProbeError(f"SOA {zone}: {dns.rcode.to_text(response.rcode())}")
     if not response.flags & dns.flags.AA:
-        raise ProbeError(f"SOA {zone}: answer is not authoritative")
+        raise ProbeError(f"SOA {zone}: the response is not authoritative (AA flag not set)")
     for rrset in response.answer:
         if rrset.rdtype == dns.rdatatype.SOA:
             return rrset.to_text()
-    raise ProbeError(f"SOA {zone}: no SOA record in the answer")
+    raise ProbeError(f"SOA {zone}: no SOA record in the answer section")
 
 
 def client_context(ca_file: str | None) -> ssl.SSLContext:
@@ -114,7 +114,7 @@ def client_context(ca_file: str | None) -> ssl.SSLContext:
     if ca_file:
         return ssl.create_default_context(cafile=ca_file)
     context = ssl.create_default_context()
-    # The healthcheck only asks "does the server speak TLS and then IMAP/SMTP?".
+    # The healthcheck only checks that the server completes a TLS handshake and greets.
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     return context

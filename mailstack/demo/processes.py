@@ -66,7 +66,6 @@ class Supervisor:
         self.sink = sink
         self.tag_width = tag_width
         self.children: list[Child] = []
-        self._stopping = False
 
     async def start(self, tag: str, command: Sequence[str], *, env: dict[str, str] | None = None) -> Child:
         """Start a long-running ``command`` whose output lines go to the sink tagged with ``tag``."""
@@ -145,7 +144,6 @@ class Supervisor:
 
     async def stop(self, grace: float) -> None:
         """Send SIGTERM to every child's process group, then SIGKILL to those still running after ``grace`` seconds."""
-        self._stopping = True
         await asyncio.gather(*(self._terminate(child, grace) for child in reversed(self.children)))
         for child in self.children:
             if child.reader is not None:

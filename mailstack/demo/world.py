@@ -1,4 +1,4 @@
-"""Build the demo world in its data folder, start it, and wait until every server answers.
+"""Build the demo world in its data folder, start it, and wait until every server responds.
 
 The steps are those an operator would take by hand, through the same commands:
 write each configuration, issue certificates from one CA, register both domains
@@ -24,7 +24,7 @@ import dns.exception
 
 from mailstack import tls
 from mailstack.demo import probe
-from mailstack.demo.plan import MailServerPlan, World
+from mailstack.demo.plan import TSIG_KEY_NAME, MailServerPlan, World
 from mailstack.demo.processes import Child, ChildFailed, Supervisor, mailstack_command
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ TSIG_SECRET_BYTES = 32
 
 
 class WorldError(Exception):
-    """The demo world could not be set up or started; the message says why."""
+    """The demo world could not be set up or started; the message gives the reason."""
 
 
 # The data folder -------------------------------------------------------------------
@@ -86,7 +86,7 @@ def load_secrets(world: World) -> dict[str, Any]:
         for account in server.accounts:
             passwords.setdefault(account, secrets.token_urlsafe(PASSWORD_BYTES))
     tsig = saved.get("tsig") or {
-        "name": "demo-key",
+        "name": TSIG_KEY_NAME,
         "algorithm": "hmac-sha256",
         "secret": base64.b64encode(secrets.token_bytes(TSIG_SECRET_BYTES)).decode(),
     }
@@ -175,8 +175,11 @@ async def register(world: World, supervisor: Supervisor, passwords: dict[str, st
 
 async def _register_domains(world: World, supervisor: Supervisor) -> None:
     config = str(world.bluebook_config)
-    listing = await supervisor.run("bluebook list", mailstack_command("bluebook", "list", "--json", "--config", config))
-    existing = {row["domain"].rstrip(".") for row in json.loads(listing)}
+    existing: set[str] = set()
+    # On the first run there is no database yet, so listing it would only cost time.
+    if (world.bluebook_dir / "data" / "bluebook.db").exists():
+        listing = await supervisor.run("bluebook list", mailstack_command("bluebook", "list", "--json", "--config", config))
+        existing = {row["domain"].rstrip(".") for row in json.loads(listing)}
     for server in world.servers:
         # A zone from an earlier run is updated, so changed addresses or ports take effect.
         verb = "update" if server.domain in existing else "add"
@@ -185,10 +188,12 @@ async def _register_domains(world: World, supervisor: Supervisor) -> None:
 
 async def _ensure_accounts(world: World, supervisor: Supervisor, server: MailServerPlan, passwords: dict[str, str]) -> None:
     config = str(world.server_config(server))
-    listing = await supervisor.run(
-        f"user list {server.domain}", mailstack_command("user", "list", "--json", "--config", config)
-    )
-    existing = {row["address"] for row in json.loads(listing)}
+    existing: set[str] = set()
+    if (world.server_dir(server) / "data" / "mailstack.db").exists():
+        listing = await supervisor.run(
+            f"user list {server.domain}", mailstack_command("user", "list", "--json", "--config", config)
+        )
+        existing = {row["address"] for row in json.loads(listing)}
     for account in server.accounts:
         # An existing account gets the saved password again, so world.json is always right.
         action = "passwd" if account in existing else "add"
@@ -248,17 +253,17 @@ async def _until_answers(name: str, factory: Any, deadline: float) -> None:
     while time.monotonic() < deadline:
         try:
             await asyncio.wait_for(factory(), 2.0)
-            log.debug("%s answers", name)
+            log.debug("%s responded", name)
             return
         except (OSError, probe.ProbeError, asyncio.TimeoutError, dns.exception.DNSException) as exc:
             last_error = exc
         # A refused connection returns at once; pause so the retries do not spin.
         await asyncio.sleep(0.1)
-    raise WorldError(f"{name} did not answer in time: {type(last_error).__name__}: {last_error}")
+    raise WorldError(f"{name}: no valid response in time: {type(last_error).__name__}: {last_error}")
 
 
 async def wait_until_ready(world: World, supervisor: Supervisor, timeout: float) -> None:
-    """Return once every listener answers its protocol; raise WorldError on timeout or a child's exit."""
+    """Return once every listener responds in its protocol; raise WorldError on timeout or a child's exit."""
     context = ssl.create_default_context(cafile=str(world.ca_file))
     deadline = time.monotonic() + timeout
     probes = readiness_probes(world, context)
@@ -276,7 +281,7 @@ async def wait_until_ready(world: World, supervisor: Supervisor, timeout: float)
 
 
 def write_world_file(world: World, secrets_document: dict[str, Any], children: dict[str, Child]) -> dict[str, Any]:
-    """Write ``world.json`` (mode 0600: it holds the passwords) and return its content."""
+    """Write ``world.json`` (mode 0600, because it contains the passwords) and return its content."""
     description = world.describe(
         secrets_document["accounts"], secrets_document["tsig"], {name: child.pid for name, child in children.items()}
     )
