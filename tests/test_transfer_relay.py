@@ -14,7 +14,7 @@ from mailstack.store import Store
 from mailstack.transfer.client import ClientSettings, Sender
 from mailstack.transfer.resolver import MXResolver, PermanentDNSFailure, TemporaryDNSFailure
 from mailstack.transfer.runner import QueueRunner, RetryPolicy
-from test_transfer_queue import FakeClock
+from test_transfer_queue import FakeClock, postgres  # noqa: F401 (fixture)
 from test_transfer_support import DNSResponder, Peer
 
 DNS_HOST = "127.0.5.1"
@@ -528,3 +528,29 @@ async def test_relay_tls_policy(tmp_path, store, resolver, clock, policy, peer_t
         reply = entry.deliveries[0].last_reply
         assert ("4.7.4" in reply or "does not offer STARTTLS" in reply) if not peer_tls else "TLS handshake" in reply
         assert peer.recipients() == []
+
+
+async def test_two_workers_share_postgres_queue(postgres, resolver, clock, peer):
+    url = postgres.create_database("relay_shared")
+    first = await Store.open(url, clock=clock)
+    second = await Store.open(url, clock=clock)
+    try:
+        await first.add_domain("here.test")
+        alice = await first.create_account("alice@here.test", "pw")
+        expected = []
+        for index in range(15):
+            recipients = [f"m{index}r{n}@there.test" for n in range(3)]
+            expected += recipients
+            await first.submit(
+                MESSAGE, account_id=alice.id, envelope_sender="alice@here.test", local_account_ids=[],
+                remote_recipients=recipients,
+            )
+        workers = [make_runner(first, resolver, clock), make_runner(second, resolver, clock)]
+        workers[0].owner, workers[1].owner = "worker-1", "worker-2"
+        counts = await asyncio.gather(*(worker.run_once() for worker in workers))
+        assert sum(counts) == len(expected)
+        assert sorted(peer.recipients()) == sorted(expected)
+        assert await first.list_queue() == []
+    finally:
+        await first.close()
+        await second.close()
