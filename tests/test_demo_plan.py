@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -168,3 +170,47 @@ def test_world_description_lists_accounts(tmp_path: Path) -> None:
     assert here["pid"] == 11
     assert description["servers"]["there.test"]["accounts"][0]["address"] == "bob@there.test"
     assert description["ca_file"] == str(world.ca_file)
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """Return the pids whose command line contains ``text`` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command_line = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in command_line:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs Linux /proc to find processes")
+def test_sigint_during_setup_leaves_nothing(tmp_path: Path) -> None:
+    if importlib.util.find_spec("mailstack.bluebook") is None:
+        pytest.skip("the Blue Book package is not on main yet")
+    data_dir = tmp_path / "interrupted"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mailstack", "demo", "--data", str(data_dir), "--addresses", ",".join(ADDRESSES),
+         "--port-offset", "30000"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert process.stderr is not None
+        # The line is printed just before the first registration command starts.
+        for line in process.stderr:
+            if line.startswith("mailstack demo: setting up"):
+                break
+        else:
+            raise AssertionError("the demo never reached the set-up step")
+        process.send_signal(signal.SIGINT)
+        _, errors = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 1
+    assert "interrupted before every server responded" in errors
+    assert "mailstack demo: stopped" in errors
+    assert _processes_mentioning(str(data_dir)) == []
+    assert not (data_dir / "world.json").exists()

@@ -107,7 +107,7 @@ async def run_demo(world: World, *, fresh: bool, check: bool, timeout: float, si
     try:
         return await work
     except asyncio.CancelledError:
-        click.echo("mailstack demo: interrupted before every server answered", err=True)
+        click.echo("mailstack demo: interrupted before every server responded", err=True)
         return 1
     except Interrupted:
         click.echo("mailstack demo: interrupted during the check", err=True)
