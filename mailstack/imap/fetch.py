@@ -26,6 +26,9 @@ class FetchRenderer:
         self.needs_content = any(a.needs_content for a in attributes)
         self.sets_seen = any(a.sets_seen for a in attributes)
         self.wants_flags = any(a.item is c.FetchItem.FLAGS for a in attributes)
+        self.needs_details = self.needs_content or any(
+            a.item in (c.FetchItem.INTERNALDATE, c.FetchItem.RFC822_SIZE) for a in attributes
+        )
 
     def render(self, sequence_number: int, message: MessageInfo, seen_change: MessageState | None) -> bytes:
         """Return the ``* n FETCH (...)`` response; ``seen_change`` is the state after \\Seen was set."""

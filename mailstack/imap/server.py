@@ -94,6 +94,11 @@ class IMAPServer:
         self._prefix = secrets.token_hex(3)
         self.poll_interval = CHANGE_POLL_INTERVAL
 
+    async def prepare(self) -> None:
+        """Compile the hot queries before the first client comes, so its first SELECT is not slower."""
+        await self.store.prepare()
+        await self.store.get_mailbox(-1, "INBOX")
+
     async def listen(self, host: str, port: int, *, implicit_tls: bool) -> asyncio.base_events.Server:
         """Bind one listener; ``implicit_tls`` makes it a TLS-on-connect listener like port 993."""
         server = await asyncio.start_server(
@@ -177,6 +182,9 @@ class Connection:
         self.busy = False
         self._literal_rejected = False
         self.parser = Parser(max_line_length=server.config.max_line_length)
+        # Responses queued by the session; written in one call per flush, because each
+        # transport write is a separate TLS record and system call.
+        self.output: list[bytes] = []
         self.session = Session(
             store=server.store,
             config=server.config,
@@ -184,7 +192,7 @@ class Connection:
             throttle=server.throttle,
             client=client,
             tls_active=implicit_tls,
-            emit=self.writer.write,
+            emit=self.output.append,
             drain=self.drain,
         )
 
@@ -197,11 +205,16 @@ class Connection:
         return self.config.idle_timeout
 
     async def drain(self) -> None:
+        """Write the queued responses and wait until the transport buffer is low again."""
+        if self.output:
+            self.writer.write(b"".join(self.output))
+            self.output.clear()
         await self.writer.drain()
 
     async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
+        """Write the queued responses followed by ``data``."""
+        self.output.append(data)
+        await self.drain()
 
     async def receive(self, timeout: float | None = None) -> None:
         """Read what the client sent and feed it to the parser; raise ConnectionClosed at EOF or timeout."""

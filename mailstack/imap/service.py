@@ -19,6 +19,7 @@ async def start(context, stack: contextlib.AsyncExitStack) -> None:
     config = context.config
     section = config.imap
     server = IMAPServer(context.store, section, context.ssl_context)
+    await server.prepare()
     stack.push_async_callback(server.close, config.server.shutdown_timeout)
     for host in config.server.listen:
         if section.port:

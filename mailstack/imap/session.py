@@ -622,23 +622,24 @@ class Session:
         if not uids:
             return self.ok(command)
         renderer = FetchRenderer(command.attributes, include_uid=command.uid)
-        sets_seen = renderer.sets_seen and not view.read_only
-        for start in range(0, len(uids), FETCH_BATCH if renderer.needs_content else len(uids)):
-            batch = uids[start : start + (FETCH_BATCH if renderer.needs_content else len(uids))]
-            messages = await self.store.fetch_messages(view.mailbox_id, batch, content=renderer.needs_content)
-            seen_changes: dict[int, MessageState] = {}
-            if sets_seen:
-                unseen = [m.uid for m in messages if not m.flags & Flag.SEEN]
-                if unseen:
-                    changed = await self.store.store_flags(view.mailbox_id, unseen, FlagMode.ADD, int(Flag.SEEN))
-                    view.record_own_changes(changed)
-                    seen_changes = {state.uid: state for state in changed}
+        seen_changes: dict[int, MessageState] = {}
+        if renderer.sets_seen and not view.read_only:
+            # One transaction sets \Seen on every message of the command before any is sent.
+            unseen = [uid for uid in uids if not view.states[uid].flags & Flag.SEEN]
+            if unseen:
+                changed = await self.store.store_flags(view.mailbox_id, unseen, FlagMode.ADD, int(Flag.SEEN))
+                view.record_own_changes(changed)
+                seen_changes = {state.uid: state for state in changed}
+        batch_size = FETCH_BATCH if renderer.needs_content else len(uids)
+        for start in range(0, len(uids), batch_size):
+            batch = uids[start : start + batch_size]
+            messages = await self.store.fetch_messages(
+                view.mailbox_id, batch, content=renderer.needs_content, details=renderer.needs_details
+            )
             for message in messages:
                 sequence_number = view.sequence_of(message.uid)
-                if sequence_number is None:
-                    continue
-                state = seen_changes.get(message.uid)
-                self.emit(renderer.render(sequence_number, message, state))
+                if sequence_number is not None:
+                    self.emit(renderer.render(sequence_number, message, seen_changes.get(message.uid)))
             await self._drain()
         return self.ok(command)
 

@@ -66,9 +66,9 @@ class MessageInfo:
     modseq: int
     flags: int
     keywords: tuple[str, ...]
-    internal_date: dt.datetime
-    size: int
-    content_sha256: str
+    internal_date: dt.datetime | None
+    size: int | None
+    content_sha256: str | None
     queue_id: str | None
     data: bytes | None = None
 
@@ -136,6 +136,14 @@ def _apply_flags(
     return old_flags & ~flags, tuple(k for k in old_keywords if k.lower() not in removed)
 
 
+def _states_query(mailbox_id: int):
+    return (
+        select(Message.uid, Message.modseq, Message.flags, Message.keywords)
+        .where(Message.mailbox_id == mailbox_id)
+        .order_by(Message.uid)
+    )
+
+
 class MessagesMixin(StoreBase):
     # Reading ---------------------------------------------------------------
 
@@ -145,11 +153,8 @@ class MessagesMixin(StoreBase):
             mailbox = await session.get(Mailbox, mailbox_id)
             if mailbox is None:
                 raise NotFound(f"mailbox {mailbox_id} not found")
-            rows = await session.execute(
-                select(Message.uid, Message.modseq, Message.flags, Message.keywords)
-                .where(Message.mailbox_id == mailbox_id)
-                .order_by(Message.uid)
-            )
+            connection = await session.connection()
+            rows = await connection.execute(_states_query(mailbox_id))
             states = [MessageState(uid, modseq, flags, split_keywords(kw)) for uid, modseq, flags, kw in rows]
         return mailbox, states
 
@@ -165,28 +170,34 @@ class MessagesMixin(StoreBase):
         return found
 
     async def fetch_messages(
-        self, mailbox_id: int, uids: Sequence[int], *, content: bool = False
+        self, mailbox_id: int, uids: Sequence[int], *, content: bool = False, details: bool = True
     ) -> list[MessageInfo]:
-        """Return the messages with these UIDs, ordered by UID; missing UIDs are skipped."""
-        columns = [
-            Message.uid,
-            Message.modseq,
-            Message.flags,
-            Message.keywords,
-            Message.internal_date,
-            Message.size,
-            Message.content_sha256,
-            Message.queue_id,
-        ]
+        """Return the messages with these UIDs, ordered by UID; missing UIDs are skipped.
+
+        With ``details`` False only UID, MODSEQ and flags are read, and the
+        other fields are None: that is all FETCH FLAGS needs, and it avoids
+        converting a timestamp per row.
+        """
+        columns = [Message.uid, Message.modseq, Message.flags, Message.keywords]
+        if details or content:
+            columns += [Message.internal_date, Message.size, Message.content_sha256, Message.queue_id]
         if content:
             columns.append(MessageContent.data)
         found: list[MessageInfo] = []
         async with self.read() as session:
+            connection = await session.connection()
             for clause in uid_clauses(uids):
                 query = select(*columns).where(Message.mailbox_id == mailbox_id, clause)
                 if content:
                     query = query.join(MessageContent, MessageContent.sha256 == Message.content_sha256)
-                for row in await session.execute(query):
+                result = await connection.execute(query)
+                if len(columns) == 4:
+                    found.extend(
+                        MessageInfo(uid, modseq, flags, split_keywords(keywords), None, None, None, None)
+                        for uid, modseq, flags, keywords in result
+                    )
+                    continue
+                for row in result:
                     found.append(
                         MessageInfo(
                             uid=row[0],
@@ -202,6 +213,19 @@ class MessagesMixin(StoreBase):
                     )
         found.sort(key=lambda info: info.uid)
         return found
+
+    async def prepare(self) -> None:
+        """Run the hot IMAP queries once on no mailbox, so SQLAlchemy compiles and caches them.
+
+        Without it the first SELECT and FETCH after start pay for statement
+        compilation, which costs more than the queries on a large mailbox.
+        """
+        async with self.read() as session:
+            await session.get(Mailbox, -1)
+            connection = await session.connection()
+            await connection.execute(_states_query(-1))
+        await self.fetch_messages(-1, [1], details=False)
+        await self.fetch_messages(-1, [1], content=True)
 
     async def changes_since(self, mailbox_id: int, modseq: int) -> MailboxChanges:
         """Return messages whose MODSEQ is above ``modseq`` and UIDs expunged after it."""
