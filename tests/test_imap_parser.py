@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fuzz_imap_parser import SEEDS, fuzz_parser
 from mailstack.imap import commands as c
 from mailstack.imap.parser import (
     NEED_DATA,
@@ -636,3 +637,19 @@ def test_every_error_is_imap_error() -> None:
     # ParseError and BadCharset share the base class that the connection catches.
     assert issubclass(ParseError, ImapError)
     assert issubclass(BadCharset, ImapError)
+
+
+# --- fuzz targets under hypothesis ------------------------------------------------------------
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=st.one_of(st.binary(max_size=400), st.sampled_from(SEEDS).map(lambda seed: b"\x02" + seed)))
+def test_fuzz_parser_only_raises_protocol_errors(data: bytes) -> None:
+    fuzz_parser(data)
+
+
+def test_fuzz_seeds_produce_events() -> None:
+    # Feeding each seed at once must yield its commands, so the fuzz target
+    # really reaches literals, continuations and the grammar.
+    for seed in SEEDS:
+        assert fuzz_parser(b"\x10" + seed) >= 1
