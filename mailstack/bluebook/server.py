@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import struct
 from typing import Any
 
@@ -92,6 +93,7 @@ class BlueBookServer:
         for host in self.config.server.listen:
             transport, _protocol = await loop.create_datagram_endpoint(lambda: UDPProtocol(self), local_addr=(host, port))
             self._udp.append(transport)
+            _enlarge_receive_buffer(transport)
             if port == 0:
                 port = transport.get_extra_info("sockname")[1]
             tcp = await asyncio.start_server(self._tcp_session, host, port, reuse_address=True)
@@ -276,6 +278,22 @@ class BlueBookServer:
         if reply is not None:
             writer.write(_LENGTH.pack(len(reply)) + reply)
             await writer.drain()
+
+
+# A burst of queries larger than the kernel's default UDP receive buffer (about
+# 200 KiB on Linux) would be dropped before the event loop reads it.
+UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
+
+
+def _enlarge_receive_buffer(transport: asyncio.DatagramTransport) -> None:
+    """Ask for a larger receive buffer; the kernel caps it at net.core.rmem_max."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
+    except OSError as exc:
+        log.debug("could not enlarge the UDP receive buffer: %s", exc)
 
 
 async def run(config: BlueBookConfig) -> int:
