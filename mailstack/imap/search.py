@@ -19,6 +19,7 @@ from sqlalchemy import and_, false, func, not_, or_, select, true
 from mailstack.imap import commands as c
 from mailstack.imap import mime
 from mailstack.imap.view import MailboxView, split_flags
+from mailstack.store.messages import uid_ranges
 from mailstack.store.models import Message, MessageContent
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class SearchCompiler:
 
     def __init__(self, view: MailboxView) -> None:
         self.view = view
+        self._set_cache: dict[int, list[int]] = {}
 
     # SQL ------------------------------------------------------------------------
 
@@ -142,25 +144,29 @@ class SearchCompiler:
             test = false()
         return test if key.present else not_(test)
 
-    def _uid_ranges(self, key: c.SearchSequenceSet) -> list[tuple[int, int]] | None:
-        """Return UID ranges for a sequence or UID set, or None when there are too many."""
-        if len(key.sequence_set.ranges) > MAX_SQL_RANGES:
-            return None
+    def _matching_uids(self, key: c.SearchSequenceSet) -> list[int]:
+        """Return the view's UIDs that a sequence or UID set names, ascending.
+
+        A message sequence number above the message count raises BAD, as for
+        every other command; against an empty mailbox nothing matches.
+        """
+        cached = self._set_cache.get(id(key))
+        if cached is not None:
+            return cached
         uids = self.view.uids
         if not uids:
-            return []
-        ranges = []
-        if key.uid:
-            for low, high in key.sequence_set._bounds(uids[-1]):
-                ranges.append((low, high))
-            return ranges
-        count = len(uids)
-        for low, high in key.sequence_set._bounds(count):
-            low = max(low, 1)
-            high = min(high, count)
-            if low <= high:
-                ranges.append((uids[low - 1], uids[high - 1]))
-        return ranges
+            found: list[int] = []
+        elif key.uid:
+            found = key.sequence_set.resolve_uids(uids)
+        else:
+            found = [uids[number - 1] for number in key.sequence_set.resolve(len(uids))]
+        self._set_cache[id(key)] = found
+        return found
+
+    def _uid_ranges(self, key: c.SearchSequenceSet) -> list[tuple[int, int]] | None:
+        """Return UID ranges for a sequence or UID set, or None when there are too many for SQL."""
+        ranges = uid_ranges(self._matching_uids(key))
+        return ranges if len(ranges) <= MAX_SQL_RANGES else None
 
     # Python ---------------------------------------------------------------------
 
@@ -190,12 +196,8 @@ class SearchCompiler:
             modseq = key.modseq
             return lambda m: m.modseq >= modseq
         if isinstance(key, c.SearchSequenceSet):
-            sequence_set = key.sequence_set
-            if key.uid:
-                star = self.view.uids[-1] if self.view.uids else 0
-                return lambda m: sequence_set.contains(m.uid, star)
-            count = self.view.exists
-            return lambda m: sequence_set.contains(m.sequence_number, count)
+            members = set(self._matching_uids(key))
+            return lambda m: m.uid in members
         if isinstance(key, c.SearchHeader):
             return self._header_test(key)
         if isinstance(key, c.SearchText):

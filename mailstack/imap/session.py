@@ -479,8 +479,21 @@ class Session:
         verb = b"LSUB" if lsub else b"LIST"
         subscribed_only = lsub or "SUBSCRIBED" in selection
         special_only = "SPECIAL-USE" in selection
-        for mailbox in sorted(mailboxes, key=lambda m: (m.name != INBOX, m.name)):
-            if not any(p.match(mailbox.name) for p in compiled):
+        entries: list[tuple[str, object]] = [(m.name, m) for m in mailboxes]
+        if not lsub and not selection:
+            # A level that exists only as a parent of other mailboxes is listed as \Noselect.
+            implied = {
+                DELIMITER.join(name.split(DELIMITER)[:depth])
+                for name in names
+                for depth in range(1, name.count(DELIMITER) + 1)
+            }
+            entries += [(name, None) for name in implied - names]
+        for name, mailbox in sorted(entries, key=lambda entry: (entry[0] != INBOX, entry[0])):
+            if not any(p.match(name) for p in compiled):
+                continue
+            if mailbox is None:
+                line = verb + b" (\\Noselect \\HasChildren) \"/\" " + r.mailbox(name)
+                self.emit(r.untagged(line))
                 continue
             if subscribed_only and not mailbox.subscribed:
                 continue
