@@ -903,3 +903,106 @@ async def test_curl_lists_and_fetches(harness):
     )
     assert starttls.returncode == 0, starttls.stderr
     assert starttls.stdout == message(1)
+
+
+# --- protocol corners over a raw connection -------------------------------------------------
+
+
+async def test_authenticate_continuation_and_cancel(harness):
+    import base64
+
+    def check():
+        client = raw_connect(harness)
+        client.send(b"a AUTHENTICATE PLAIN\r\n")
+        challenge = client.line()
+        client.send(b"*\r\n")
+        cancelled = client.until_tagged(b"a")
+        client.send(b"b AUTHENTICATE PLAIN\r\n")
+        client.line()
+        client.send(base64.b64encode(b"\0bob@here.test\0" + PASSWORD.encode()) + b"\r\n")
+        accepted = client.until_tagged(b"b")
+        client.send(b"c AUTHENTICATE PLAIN\r\n")
+        again = client.until_tagged(b"c")
+        return challenge, cancelled, accepted, again
+
+    challenge, cancelled, accepted, again = await run(check)
+    assert challenge == b"+ "
+    assert cancelled[-1].startswith(b"a BAD")
+    assert accepted[-1].startswith(b"b OK [CAPABILITY IMAP4rev1")
+    assert again[-1].startswith(b"c BAD")
+
+
+async def test_commands_checked_against_state(harness):
+    def check():
+        client = raw_connect(harness)
+        replies = {}
+        for tag, command in ((b"a", b"SELECT INBOX"), (b"b", b"FETCH 1 FLAGS"), (b"c", b"ID NIL")):
+            client.send(tag + b" " + command + b"\r\n")
+            replies[tag] = client.until_tagged(tag)
+        client.send(b"d LOGIN bob@here.test \"" + PASSWORD.encode() + b"\"\r\n")
+        client.until_tagged(b"d")
+        for tag, command in ((b"e", b"FETCH 1 FLAGS"), (b"f", b"STARTTLS"), (b"g", b"LOGIN x y")):
+            client.send(tag + b" " + command + b"\r\n")
+            replies[tag] = client.until_tagged(tag)
+        return replies
+
+    replies = await run(check)
+    assert replies[b"a"][-1].startswith(b"a BAD")
+    assert replies[b"b"][-1].startswith(b"b BAD")
+    assert replies[b"c"][0].startswith(b'* ID ("name" "mailstack"')
+    assert replies[b"c"][-1].startswith(b"c OK")
+    assert replies[b"e"][-1].startswith(b"e BAD")
+    assert replies[b"f"][-1].startswith(b"f BAD")
+    assert replies[b"g"][-1].startswith(b"g BAD")
+
+
+async def test_new_keyword_announced_to_other_session(harness):
+    await fill(harness, 1)
+
+    def check():
+        first = raw_connect(harness, login=True)
+        second = raw_connect(harness, login=True)
+        for client in (first, second):
+            client.send(b"s SELECT INBOX\r\n")
+            client.until_tagged(b"s")
+        first.send(b"a STORE 1 +FLAGS ($Important)\r\n")
+        first_lines = first.until_tagged(b"a")
+        second.send(b"b NOOP\r\n")
+        second_lines = second.until_tagged(b"b")
+        return first_lines, second_lines
+
+    first_lines, second_lines = await run(check)
+    assert b"* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft $Important)" in first_lines
+    assert b"* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft $Important)" in second_lines
+    assert b"* 1 FETCH (UID 1 FLAGS ($Important))" in second_lines
+
+
+async def test_shutdown_lets_running_command_finish(harness):
+    await fill(harness, 1)
+    started = asyncio.Event()
+    release = asyncio.Event()
+    original = harness.store.mailbox_status
+
+    async def slow_status(mailbox_id):
+        started.set()
+        await release.wait()
+        return await original(mailbox_id)
+
+    harness.store.mailbox_status = slow_status
+
+    def client_side():
+        client = raw_connect(harness, login=True)
+        client.send(b"a STATUS INBOX (MESSAGES)\r\n")
+        lines = client.until_tagged(b"a")
+        bye = client.line()
+        return lines, bye
+
+    task = asyncio.ensure_future(run(client_side))
+    await asyncio.wait_for(started.wait(), 10)
+    closing = asyncio.ensure_future(harness.server.close(5))
+    await asyncio.sleep(0)
+    release.set()
+    await asyncio.wait_for(closing, 10)
+    lines, bye = await asyncio.wait_for(task, 10)
+    assert lines == [b"* STATUS INBOX (MESSAGES 1)", b"a OK STATUS completed"]
+    assert bye.startswith(b"* BYE")

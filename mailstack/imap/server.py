@@ -143,6 +143,8 @@ class IMAPServer:
 
     async def close(self, timeout: float) -> None:
         """Stop accepting, end idle sessions, and give running commands ``timeout`` seconds to finish."""
+        if self.closing:
+            return
         self.closing = True
         for server in self.servers:
             server.close()
