@@ -25,6 +25,7 @@ import dns.rcode
 import dns.rdataclass
 import dns.rdataset
 import dns.rdatatype
+import dns.rrset
 import dns.tsig
 import dns.tsigkeyring
 import dns.update
@@ -682,3 +683,43 @@ async def test_tcp_idle_timeout_and_connection_limit(tmp_path):
     finally:
         await running.server.stop()
         await running.store.close()
+
+
+async def test_update_stale_time_badtime(bluebook, raw_udp, monkeypatch):
+    old_serial = await bluebook.serial()
+    message = signed_update()
+    message.add("late.here.test.", 60, "A", "192.0.2.66")
+
+    class Clock:
+        @staticmethod
+        def time() -> float:
+            return 1_000_000.0  # far outside the 300 s fudge
+
+    with monkeypatch.context() as patch:
+        patch.setattr(dns.message, "time", Clock)
+        wire = message.to_wire()
+    parsed = dns.message.from_wire(await raw_udp(wire), keyring=False)
+    assert parsed.rcode() == dns.rcode.NOTAUTH
+    assert parsed.tsig_error == dns.rcode.BADTIME
+    assert await bluebook.serial() == old_serial
+
+
+async def test_update_wrong_algorithm_badkey(bluebook, raw_udp):
+    keyring = {dns.name.from_text(KEY_NAME): dns.tsig.Key(KEY_NAME, SECRET, dns.tsig.HMAC_SHA512)}
+    message = dns.update.UpdateMessage("here.test", keyring=keyring)
+    message.add("evil.here.test.", 60, "A", "192.0.2.66")
+    parsed = dns.message.from_wire(await raw_udp(message.to_wire()), keyring=False)
+    assert parsed.rcode() == dns.rcode.NOTAUTH
+    assert parsed.tsig_error == dns.rcode.BADKEY
+
+
+async def test_ixfr_gets_whole_zone_or_soa(bluebook):
+    query = dns.message.make_query("here.test", "IXFR")
+    query.authority.append(dns.rrset.from_text("here.test.", 0, "IN", "SOA", ". . 1 0 0 0 0"))
+    query.use_tsig(KEYRING, KEY_NAME)
+    over_udp = await bluebook.udp(query)
+    assert [rrset.rdtype for rrset in over_udp.answer] == [dns.rdatatype.SOA]
+    over_tcp = await bluebook.tcp(query, one_rr_per_rrset=True)
+    types = [rrset.rdtype for rrset in over_tcp.answer]
+    assert types[0] == dns.rdatatype.SOA and types[-1] == dns.rdatatype.SOA
+    assert dns.rdatatype.MX in types
