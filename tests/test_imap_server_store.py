@@ -134,7 +134,25 @@ async def test_expunge_from_outbox_cancels_deliveries(store, account):
     _mailbox, states = await store.message_states(outbox.id)
     await store.store_flags(outbox.id, [states[0].uid], FlagMode.ADD, int(Flag.DELETED))
     assert await store.expunge(outbox.id) == [states[0].uid]
+    # Every delivery is final after the cancellation, so the entry leaves the queue with its content.
     async with store.read() as session:
         deliveries = list(await session.scalars(select(Delivery).where(Delivery.queue_id == queue_id)))
-    assert len(deliveries) == 2
-    assert {d.state for d in deliveries} == {DeliveryState.CANCELLED.value}
+        contents = list(await session.scalars(select(MessageContent.sha256)))
+    assert deliveries == []
+    assert contents == []
+    assert await store.list_queue() == []
+
+
+async def test_cancel_held_delivery_leaves_queue(store, account):
+    queue_id = await store.submit(
+        MESSAGE % (1, 1),
+        account_id=account.id,
+        envelope_sender="user@here.test",
+        local_account_ids=[],
+        remote_recipients=["x@there.test"],
+    )
+    async with store.write() as session:
+        delivery = await session.scalar(select(Delivery).where(Delivery.queue_id == queue_id))
+        delivery.state = DeliveryState.HELD.value
+    assert await store.cancel_outbox_message(queue_id) == 1
+    assert await store.list_queue() == []

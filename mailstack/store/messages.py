@@ -389,7 +389,14 @@ class MessagesMixin(StoreBase):
         return modseq
 
     async def _cancel_deliveries(self, session: AsyncSession, queue_ids: Iterable[str]) -> int:
-        """Mark every delivery of these queue entries that is not final as cancelled."""
+        """Cancel every delivery of these queue entries that is not final; return how many.
+
+        A queue entry whose deliveries are then all final leaves the queue, as
+        after its last delivery attempt, which also frees its content. An
+        attempt already in flight may still reach its peer, and its result is
+        then ignored because its delivery is final or gone.
+        """
+        queue_ids = sorted(set(queue_ids))
         open_states = [s.value for s in DeliveryState if not s.final]
         now = self.clock()
         result = await session.execute(
@@ -404,7 +411,10 @@ class MessagesMixin(StoreBase):
             )
         )
         count = result.rowcount or 0
-        log.info("cancelled %d pending deliveries of queue id(s) %s", count, ", ".join(sorted(queue_ids)))
+        log.info("cancelled %d pending deliveries of queue id(s) %s", count, ", ".join(queue_ids))
+        for queue_id in queue_ids:
+            # The queue's own clean-up (QueueMixin, part of every Store) removes the finished entry.
+            await self._finish_if_final(session, queue_id)  # type: ignore[attr-defined]
         return count
 
     async def copy_messages(self, source_id: int, target_id: int, uids: Sequence[int]) -> CopyResult:
