@@ -227,7 +227,8 @@ def test_errors_are_clear(served, tmp_path):
     bad_config.write_text("[server]\nport = 70000\n")
     result = run(bad_config, "list", check=False)
     assert result.returncode == 1
-    assert "port" in result.stderr and "at most 65535" in result.stderr
+    assert "port" in result.stderr
+    assert "at most 65535" in result.stderr
 
 
 def test_config_check_bluebook(tmp_path):

@@ -721,5 +721,6 @@ async def test_ixfr_gets_whole_zone_or_soa(bluebook):
     assert [rrset.rdtype for rrset in over_udp.answer] == [dns.rdatatype.SOA]
     over_tcp = await bluebook.tcp(query, one_rr_per_rrset=True)
     types = [rrset.rdtype for rrset in over_tcp.answer]
-    assert types[0] == dns.rdatatype.SOA and types[-1] == dns.rdatatype.SOA
+    assert types[0] == dns.rdatatype.SOA
+    assert types[-1] == dns.rdatatype.SOA
     assert dns.rdatatype.MX in types

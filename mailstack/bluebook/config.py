@@ -45,9 +45,6 @@ class ServerSection:
     tcp_max_connections: int = option(
         256, "Open TCP connections accepted at once; more are closed at once.", minimum=1
     )
-    tcp_max_pending: int = option(
-        16, "Queries read ahead from one TCP connection before its reading pauses.", minimum=1
-    )
     reload_interval: float = option(
         0.25,
         "How often the server checks the database for changes made by the CLI.",

@@ -2,10 +2,10 @@
 
 A :class:`Directory` is built from one store snapshot and never changes; the
 server swaps in a new one after every change. Lookup follows RFC 1034 section
-4.3.2: zone cuts give referrals, CNAMEs are followed inside the zone, wildcards
-(RFC 4592) are synthesized, and a missing name differs from a name without the
-asked type (NXDOMAIN versus NODATA, both with the SOA for negative caching as
-RFC 2308 describes).
+4.3.2. Zone cuts give referrals, CNAMEs are followed inside the zone and
+wildcards (RFC 4592) are synthesized. A missing name gets NXDOMAIN and a name
+without the requested type gets NODATA, both with the SOA for negative caching
+as RFC 2308 describes.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ SRV_SERVICES = {
 
 @dataclass
 class MailDomain:
-    """What ``bluebook add`` and ``bluebook update`` are told about one mail domain.
+    """Options of ``bluebook add`` and ``bluebook update`` for one mail domain.
 
     ``None`` means "not given": ``add`` uses the default, ``update`` keeps the
     current records.

@@ -1,6 +1,6 @@
 """Tables of the Blue Book's own database, and their creation on first use.
 
-The database holds zones, their records in presentation format, TSIG keys and
+The database contains zones, their records in presentation format, TSIG keys and
 one state row whose ``generation`` grows with every committed change, so that a
 running server notices changes made by other processes with one cheap query.
 """

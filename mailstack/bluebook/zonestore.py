@@ -1,10 +1,10 @@
 """The Blue Book's store: zones, records and TSIG keys in its own SQL database.
 
 Every change goes through :meth:`ZoneStore.modify_zone` (or creates or deletes a
-whole zone) in one write transaction: the zone's records are read, changed in
-memory with dnspython objects, the changed RRsets are rewritten, the SOA serial
-is raised and the state generation is incremented, all before one commit.
-Nothing is visible to a reader before that commit.
+whole zone) in one write transaction. The zone's records are read and changed in
+memory with dnspython objects. Then the changed RRsets are rewritten, the SOA
+serial is raised and the state generation is incremented, all before one commit,
+so nothing is visible to a reader before that commit.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ KEY_BYTES = {"hmac-sha1": 20, "hmac-sha224": 28, "hmac-sha256": 32, "hmac-sha384
 
 
 class ZoneStoreError(Exception):
-    """A Blue Book store operation that cannot be done as requested; the message says why."""
+    """A Blue Book store operation that cannot be done as requested; the message gives the reason."""
 
 
 class ZoneNotFound(ZoneStoreError):
@@ -155,7 +155,7 @@ class KeyInfo:
 
 @dataclass
 class Snapshot:
-    """Everything the server answers from, read in one transaction."""
+    """Zones and keys that the server answers from, read in one transaction."""
 
     generation: int
     zones: dict[dns.name.Name, ZoneContent]
