@@ -367,6 +367,13 @@ def test_digest_defaults_to_message() -> None:
     assert value[0][7][1] == b"digest entry"
 
 
+def test_message_global_is_a_leaf() -> None:
+    # RFC 3501's grammar gives the envelope form to message/rfc822 only.
+    value = structure(b"Content-Type: message/global\r\n\r\nSubject: x\r\n\r\nbody\r\n")
+    assert value[0:2] == [b"message", b"global"]
+    assert len(value) == 11
+
+
 def test_deep_multipart_nesting_is_capped() -> None:
     depth = 2000
     message = b"Content-Type: multipart/mixed; boundary=b0\r\n\r\n"

@@ -269,7 +269,9 @@ class MimePart:
             return
         if lower_type == b"multipart":
             self._split_multipart(depth, budget)
-        elif lower_type == b"message" and subtype.lower() in (b"rfc822", b"global"):
+        elif lower_type == b"message" and subtype.lower() == b"rfc822":
+            # Only message/rfc822 is parsed: RFC 3501's BODYSTRUCTURE grammar
+            # has the envelope form for it alone, so message/global stays a leaf.
             budget[0] -= 1
             if budget[0] <= 0:
                 self.maintype, self.subtype, self.params = b"application", b"octet-stream", []

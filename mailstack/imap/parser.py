@@ -311,7 +311,10 @@ class Parser:
                 continue
             line = self._take_line()
             if line is None:
-                if self._state == _SKIP_LINE or len(self._buffer) + self._text_size <= self.max_line_length:
+                if state == _SKIP_COMMAND and len(self._buffer) > self.max_line_length:
+                    # The rejected command was already answered: drop the rest quietly.
+                    self._state = state = _SKIP_LINE
+                if state == _SKIP_LINE or len(self._buffer) + self._text_size <= self.max_line_length:
                     if self._state == _SKIP_LINE:
                         self._buffer.clear()
                         self._scanned = 0
