@@ -1,8 +1,8 @@
 """Fuzz entry for the IMAP parser and the MIME structure code.
 
 The only claim checked: any input is parsed, or raises the protocol's own
-error (:class:`~mailstack.imap.response.ImapError`); nothing else escapes,
-nothing loops forever, and the parser keeps working after an error.
+error (:class:`~mailstack.imap.response.ImapError`). No other exception
+escapes, no loop runs forever, and the parser keeps working after an error.
 
 Run with atheris when it is installed (``pip install atheris``)::
 
@@ -64,7 +64,8 @@ def fuzz_parser(data: bytes, max_literal: int = 64) -> int:
                 event = parser.next_event()
             except ImapError as error:
                 rendered = error.render()
-                assert rendered.endswith(b"\r\n") and rendered.count(b"\r\n") == 1
+                assert rendered.endswith(b"\r\n")
+                assert rendered.count(b"\r\n") == 1
                 continue
             if event is NEED_DATA:
                 break

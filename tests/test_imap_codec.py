@@ -114,7 +114,8 @@ def test_status_lines() -> None:
 
 def test_status_text_cannot_break_framing() -> None:
     line = r.tagged("a", b"NO", "bad\r\n* 1 EXISTS\x00 caf\u00e9")
-    assert line.count(b"\r\n") == 1 and line.endswith(b"\r\n")
+    assert line.count(b"\r\n") == 1
+    assert line.endswith(b"\r\n")
     assert b"\x00" not in line
     assert line == b"a NO bad  * 1 EXISTS  caf?\r\n"
 

@@ -44,7 +44,8 @@ def _read(data: bytes, pos: int) -> tuple[object, int]:
             if data[pos : pos + 1] == b"\\":
                 pos += 1
                 assert data[pos : pos + 1] in (b'"', b"\\")
-            assert data[pos] not in (0x0D, 0x0A, 0x00) and data[pos] < 0x80
+            assert data[pos] not in (0x0D, 0x0A, 0x00)
+            assert data[pos] < 0x80
             out.append(data[pos])
             pos += 1
         return bytes(out), pos + 1
@@ -75,13 +76,15 @@ def check_params(value: object) -> None:
 
 def check_envelope(value: object) -> None:
     assert isinstance(value, list) and len(value) == 10
-    assert is_nstring(value[0]) and is_nstring(value[1])
+    assert is_nstring(value[0])
+    assert is_nstring(value[1])
     for addresses in value[2:8]:
         assert addresses is None or (isinstance(addresses, list) and addresses)
         for address in addresses or []:
             assert isinstance(address, list) and len(address) == 4
             assert all(is_nstring(item) for item in address)
-    assert is_nstring(value[8]) and is_nstring(value[9])
+    assert is_nstring(value[8])
+    assert is_nstring(value[9])
 
 
 def check_body(value: object, extensible: bool) -> int:
@@ -106,7 +109,8 @@ def check_body(value: object, extensible: bool) -> int:
         return depth + 1
     assert isinstance(value[0], bytes) and isinstance(value[1], bytes)
     check_params(value[2])
-    assert is_nstring(value[3]) and is_nstring(value[4])
+    assert is_nstring(value[3])
+    assert is_nstring(value[4])
     assert isinstance(value[5], bytes)
     assert isinstance(value[6], int)
     index = 7

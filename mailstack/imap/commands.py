@@ -16,7 +16,7 @@ ENABLE, NAMESPACE, UNSELECT, SPECIAL-USE, SASL-IR):
 - the macros ALL, FAST and FULL of FETCH are expanded into attributes;
 - search strings are decoded with the command's CHARSET (UTF-8 or US-ASCII).
 
-The session never sees bytes of the wire, and a command that reaches it is
+The session never handles wire bytes, and every command it receives is
 syntactically valid. Semantic checks (is the mailbox there, may ``\\Recent``
 be stored, is the sequence number within the mailbox) belong to the session.
 """
@@ -205,7 +205,7 @@ class Examine(Command):
 
 @dataclass(frozen=True, slots=True)
 class Create(Command):
-    """CREATE; ``special_use`` holds the ``(USE (...))`` attributes of RFC 6154."""
+    """CREATE; ``special_use`` contains the ``(USE (...))`` attributes of RFC 6154."""
 
     NAME: ClassVar[str] = "CREATE"
 
@@ -336,7 +336,7 @@ class Move(Command):
 
 
 class StoreAction(enum.Enum):
-    """What STORE does with the given flags: ``FLAGS``, ``+FLAGS`` or ``-FLAGS``."""
+    """The STORE operation: replace (``FLAGS``), add (``+FLAGS``) or remove (``-FLAGS``) flags."""
 
     REPLACE = ""
     ADD = "+"

@@ -243,7 +243,7 @@ def _parse_disposition(value: bytes | None) -> tuple[bytes, list[tuple[bytes, by
 class MimePart:
     """One node of a message's MIME tree.
 
-    ``header`` and ``body`` are slices of the stored bytes. ``children`` holds
+    ``header`` and ``body`` are slices of the stored bytes. ``children`` contains
     the parts of a multipart, ``message`` the parsed encapsulated message of a
     message/rfc822 part (both empty for a leaf).
     """
@@ -357,8 +357,8 @@ def parse(data: bytes) -> MimePart:
 def _split_addresses(value: bytes) -> list[tuple[bytes, bool]]:
     """Split an address list at top-level commas and group delimiters.
 
-    Returns ``(text, kind)`` items where kind marks a group start (text ends
-    with ':') or a group end (text is ';').
+    Returns ``(text, is_group_delimiter)`` items. A group delimiter is a group
+    start (text ends with ':') or a group end (text is ';').
     """
     items: list[tuple[bytes, bool]] = []
     start = 0

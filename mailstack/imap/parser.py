@@ -35,12 +35,12 @@ Events returned by :meth:`Parser.next_event`:
   ``{n}`` (synchronising) or ``{n+}`` (LITERAL+), before any byte of the
   literal is read. The parser then waits for :meth:`Parser.accept_literal`
   or :meth:`Parser.reject_literal`; until one is called, ``next_event``
-  returns the same request again. After a rejection of a synchronising
-  literal the client sends nothing more of that command; after a rejection
-  of a non-synchronising literal the client sends the literal and the rest
-  of the command anyway, so the parser skips ``n`` bytes and the remaining
-  lines of the command (and any further ``{m+}`` literals in them) before it
-  reads the next command. A connection may prefer to close instead when the
+  returns the same request again. After a rejected synchronising literal
+  the client sends nothing more of that command. After a rejected
+  non-synchronising literal the client sends the literal and the rest of
+  the command anyway, so the parser skips ``n`` bytes and the remaining
+  lines of the command, with any further ``{m+}`` literals in them, before
+  it reads the next command. A connection may prefer to close instead when the
   announced size is absurd.
 - :class:`ContinuationLine` for the next line after
   :meth:`Parser.expect_continuation`: the client's reply to an
@@ -168,7 +168,7 @@ class NestingTooDeep(ParseError):
 
 
 class AuthenticationCancelled(ParseError):
-    """The client answered an AUTHENTICATE challenge with ``*`` (RFC 3501: tagged BAD)."""
+    """The client cancelled AUTHENTICATE by sending ``*`` (RFC 3501 requires a tagged BAD)."""
 
 
 def decode_sasl_response(line: ContinuationLine | bytes, tag: str | None = None) -> bytes:

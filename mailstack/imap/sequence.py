@@ -7,7 +7,7 @@ the session's view of the mailbox:
 - :meth:`SequenceSet.resolve` for message sequence numbers: ``*`` is the
   message count, a reversed range ``5:2`` means ``2:5``, and any number above
   the count, or any set against an empty mailbox, raises
-  :class:`SequenceOutOfRange` (a BAD reply, as RFC 3501 section 9 asks).
+  :class:`SequenceOutOfRange` (a BAD reply, as RFC 3501 section 9 requires).
 - :meth:`SequenceSet.resolve_uids` for UIDs: ``*`` is the highest UID in
   use, and numbers that match no message are silently skipped, so
   ``UID FETCH 500:*`` on a mailbox whose highest UID is 300 returns UID 300.
