@@ -228,10 +228,14 @@ class MessagesMixin(StoreBase):
         await self.fetch_messages(-1, [1], content=True)
 
     async def changes_since(self, mailbox_id: int, modseq: int) -> MailboxChanges:
-        """Return messages whose MODSEQ is above ``modseq`` and UIDs expunged after it."""
-        async with self.read() as session:
+        """Return messages whose MODSEQ is above ``modseq`` and UIDs expunged after it.
+
+        Sessions call this after every command, so it runs on a bare
+        connection in one read transaction, without an ORM session.
+        """
+        async with self.engine.connect() as connection, connection.begin():
             row = (
-                await session.execute(
+                await connection.execute(
                     select(Mailbox.highestmodseq, Mailbox.uidnext).where(Mailbox.id == mailbox_id)
                 )
             ).one_or_none()
@@ -242,14 +246,14 @@ class MessagesMixin(StoreBase):
                 return MailboxChanges(highest, uidnext, [], [])
             changed = [
                 MessageState(uid, mseq, flags, split_keywords(kw))
-                for uid, mseq, flags, kw in await session.execute(
+                for uid, mseq, flags, kw in await connection.execute(
                     select(Message.uid, Message.modseq, Message.flags, Message.keywords)
                     .where(Message.mailbox_id == mailbox_id, Message.modseq > modseq)
                     .order_by(Message.uid)
                 )
             ]
             expunged = list(
-                await session.scalars(
+                await connection.scalars(
                     select(Expunged.uid)
                     .where(Expunged.mailbox_id == mailbox_id, Expunged.modseq > modseq)
                     .order_by(Expunged.uid)
@@ -259,8 +263,8 @@ class MessagesMixin(StoreBase):
 
     async def highest_modseq(self, mailbox_id: int) -> int | None:
         """Return the mailbox's HIGHESTMODSEQ, or None when it no longer exists."""
-        async with self.read() as session:
-            return await session.scalar(select(Mailbox.highestmodseq).where(Mailbox.id == mailbox_id))
+        async with self.engine.connect() as connection, connection.begin():
+            return await connection.scalar(select(Mailbox.highestmodseq).where(Mailbox.id == mailbox_id))
 
     # Flags -------------------------------------------------------------------
 
