@@ -724,3 +724,60 @@ async def test_ixfr_gets_whole_zone_or_soa(bluebook):
     assert types[0] == dns.rdatatype.SOA
     assert types[-1] == dns.rdatatype.SOA
     assert dns.rdatatype.MX in types
+
+
+# NOTIFY to secondaries ---------------------------------------------------------------------------
+
+
+class Secondary(asyncio.DatagramProtocol):
+    """A stand-in secondary that records NOTIFY messages and acknowledges them."""
+
+    def __init__(self) -> None:
+        self.notifies: asyncio.Queue[dns.message.Message] = asyncio.Queue()
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        message = dns.message.from_wire(data)
+        self.notifies.put_nowait(message)
+        self.transport.sendto(dns.message.make_response(message).to_wire(), addr)
+
+
+async def test_change_sends_notify_to_secondary(tmp_path):
+    loop = asyncio.get_running_loop()
+    transport, secondary = await loop.create_datagram_endpoint(Secondary, local_addr=("127.0.3.9", 0))
+    port = transport.get_extra_info("sockname")[1]
+    running = await start(tmp_path, notify=[f"127.0.3.9:{port}"])
+    try:
+        assert secondary.notifies.empty()  # the first load sends none
+
+        def change(content):
+            content.put(to_name("notified.here.test"), dns.rdataset.from_text(IN, "A", 300, "192.0.2.8"))
+
+        _result, _changed, new_serial = await running.store.modify_zone("here.test", change)
+        notify = await asyncio.wait_for(secondary.notifies.get(), TIMEOUT)
+        assert notify.opcode() == dns.opcode.NOTIFY
+        assert notify.flags & dns.flags.AA
+        assert notify.question[0].name == to_name("here.test")
+        assert notify.question[0].rdtype == dns.rdatatype.SOA
+        assert notify.answer[0][0].serial == new_serial
+    finally:
+        await running.server.stop()
+        await running.store.close()
+        transport.close()
+
+
+async def test_ipv4_and_ipv6_listeners(tmp_path):
+    running = await start(tmp_path, listen=["127.0.3.4", "::1"])
+    try:
+        assert [host for host, _port in running.server.addresses] == ["127.0.3.4", "::1"]
+        for host, port in running.server.addresses:
+            query = dns.message.make_query("here.test", "MX")
+            over_udp = await dns.asyncquery.udp(query, host, port=port, timeout=TIMEOUT)
+            assert over_udp.answer[0][0].exchange == to_name("mx.here.test")
+            over_tcp = await dns.asyncquery.tcp(query, host, port=port, timeout=TIMEOUT)
+            assert over_tcp.answer[0][0].exchange == to_name("mx.here.test")
+    finally:
+        await running.server.stop()
+        await running.store.close()

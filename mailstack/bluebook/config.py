@@ -65,6 +65,17 @@ class ServerSection:
         "Client networks (for example `127.0.0.1/32`) allowed to transfer zones without TSIG. "
         "A TSIG-signed transfer with a known key is always allowed.",
     )
+    notify: tuple[str, ...] = option(
+        (),
+        "Secondary servers sent a DNS NOTIFY (RFC 1996) when a zone's serial changes, each "
+        "`IP` (port 53), `IP:PORT` or `[IPv6]:PORT`.",
+    )
+    notify_attempts: int = option(
+        3, "NOTIFY messages sent to one secondary for one change before giving up.", minimum=1, maximum=10
+    )
+    notify_timeout: float = option(
+        2.0, "Time to wait for a secondary's reply to one NOTIFY.", unit="seconds", minimum=0.05
+    )
 
     def __post_init__(self) -> None:
         for address in self.listen:
@@ -77,6 +88,8 @@ class ServerSection:
                 ipaddress.ip_network(network, strict=False)
             except ValueError:
                 raise ValueError(f"axfr_allow: {network!r} is not an IP network") from None
+        for target in self.notify:
+            parse_endpoint(target)
 
 
 @dataclass(frozen=True)
@@ -132,6 +145,33 @@ class BlueBookConfig:
         if self.server.database_url:
             return self.server.database_url
         return f"sqlite+aiosqlite:///{self.server.data_dir / 'bluebook.db'}"
+
+
+def parse_endpoint(text: str, default_port: int = 53) -> tuple[str, int]:
+    """Split ``IP``, ``IP:PORT`` or ``[IPv6]:PORT`` into (address, port) or raise ValueError."""
+    value = text.strip()
+    port = default_port
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"notify: {text!r} must be IP, IP:PORT or [IPv6]:PORT")
+            port_text = rest[1:]
+        else:
+            port_text = ""
+    elif value.count(":") == 1:
+        host, port_text = value.split(":")
+    else:
+        host, port_text = value, ""
+    if port_text:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ValueError(f"notify: {text!r} has an invalid port")
+        port = int(port_text)
+    try:
+        address = str(ipaddress.ip_address(host))
+    except ValueError:
+        raise ValueError(f"notify: {host!r} in {text!r} is not an IP address") from None
+    return address, port
 
 
 def parse_key_entry(entry: str) -> tuple[str, str, str]:

@@ -148,7 +148,11 @@ def build_zone(spec: MailDomain, defaults: ZoneSection, listen: tuple[str, ...])
     )
     content.put(origin, _rdataset(dns.rdatatype.SOA, ttl, [soa_text]))
     content.put(origin, _rdataset(dns.rdatatype.NS, ttl, [str(ns) for ns in nameservers]))
-    ns_addresses = spec.ns_addresses if spec.ns_addresses is not None else list(listen)
+    if spec.ns_addresses is not None:
+        ns_addresses = spec.ns_addresses
+    else:
+        # A wildcard listen address (0.0.0.0 or ::) names no host, so it makes no glue.
+        ns_addresses = [address for address in listen if not ipaddress.ip_address(address).is_unspecified]
     for ns in nameservers:
         if ns.is_subdomain(origin) and ns_addresses:
             put_addresses(content, ns, check_addresses(ns_addresses), ttl)

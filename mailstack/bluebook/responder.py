@@ -363,10 +363,10 @@ class Responder:
             self.bad_input.warning("REFUSED AXFR over UDP from %s for %s", _peer(peer), question.name)
             return self._finish(self._response(query, dns.rcode.REFUSED), query, tcp)
         if zone is None or question.rdclass != dns.rdataclass.IN:
-            log.info("REFUSED %s of %s from %s: not a zone served here", kind, question.name, _peer(peer))
+            self.bad_input.warning("REFUSED %s of %s from %s: not a zone served here", kind, question.name, _peer(peer))
             return self._finish(self._response(query, dns.rcode.REFUSED), query, tcp)
         if not self.transfer_allowed(query, peer):
-            log.warning("REFUSED %s of %s from %s: not signed and not in axfr_allow", kind, zone.origin, _peer(peer))
+            self.bad_input.warning("REFUSED %s of %s from %s: not signed and not in axfr_allow", kind, zone.origin, _peer(peer))
             return self._finish(self._response(query, dns.rcode.REFUSED), query, tcp)
         if not tcp:
             # IXFR over UDP: the current SOA tells the client to retry over TCP (RFC 1995 section 2).
@@ -401,10 +401,10 @@ class Responder:
         origin = query.zone[0].name
         zone = self.directory.zones.get(origin)
         if zone is None or query.zone[0].rdclass != dns.rdataclass.IN:
-            log.warning("NOTAUTH to %s: UPDATE of %s, which is not a zone served here", _peer(peer), origin)
+            self.bad_input.warning("NOTAUTH to %s: UPDATE of %s, which is not a zone served here", _peer(peer), origin)
             return self._finish(self._response(query, dns.rcode.NOTAUTH), query, tcp)
         if not query.had_tsig:
-            log.warning("REFUSED to %s: unsigned UPDATE of %s", _peer(peer), origin)
+            self.bad_input.warning("REFUSED to %s: unsigned UPDATE of %s", _peer(peer), origin)
             return self._finish(self._response(query, dns.rcode.REFUSED), query, tcp)
         return UpdateRequest(query, zone, peer)
 

@@ -15,10 +15,16 @@ import socket
 import struct
 from typing import Any
 
+import dns.asyncquery
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.opcode
 import dns.rcode
 
 from mailstack.bluebook import update
-from mailstack.bluebook.config import BlueBookConfig, parse_key_entry
+from mailstack.bluebook.config import BlueBookConfig, parse_endpoint, parse_key_entry
 from mailstack.bluebook.directory import Directory
 from mailstack.bluebook.responder import Responder, Transfer, UpdateRequest, header_reply
 from mailstack.bluebook.zonestore import KeyInfo, ZoneNotFound, ZoneStore, ZoneStoreError
@@ -73,6 +79,8 @@ class BlueBookServer:
             axfr_allow=section.axfr_allow,
         )
         self.generation = -1
+        # Whether a snapshot was loaded before: the first load sends no NOTIFY.
+        self.generation_loaded = False
         self.port = section.port
         self.addresses: list[tuple[str, int]] = []
         self._udp: list[asyncio.DatagramTransport] = []
@@ -83,6 +91,7 @@ class BlueBookServer:
         self._update_lock = asyncio.Lock()
         self._reload_lock = asyncio.Lock()
         self._config_keys = [KeyInfo(*parse_key_entry(entry), source="config") for entry in config.keys.tsig]
+        self._notify_targets = [parse_endpoint(target) for target in section.notify]
 
     # Start and stop --------------------------------------------------------------------
 
@@ -142,6 +151,7 @@ class BlueBookServer:
                 return False
             snapshot = await self.store.snapshot()
             directory = Directory.from_snapshot(snapshot)
+            previous = self.responder.directory
             self.responder.set_directory(directory)
             self.responder.set_keys(self._merge_keys(snapshot.keys))
             changed = snapshot.generation != self.generation
@@ -153,7 +163,48 @@ class BlueBookServer:
                 len(self.responder.keyring),
                 snapshot.generation,
             )
+        if self.generation_loaded:
+            self._notify_changes(previous, directory)
+        self.generation_loaded = True
         return True
+
+    # NOTIFY --------------------------------------------------------------------------------
+
+    def _notify_changes(self, previous: Directory, current: Directory) -> None:
+        """Send NOTIFY for every zone that is new or whose serial changed since ``previous``."""
+        if not self._notify_targets:
+            return
+        for origin, zone in current.zones.items():
+            old = previous.zones.get(origin)
+            if old is not None and old.soa[0].serial == zone.soa[0].serial:
+                continue
+            for target in self._notify_targets:
+                self.spawn(self._notify(origin, zone.soa, target))
+
+    async def _notify(self, origin: dns.name.Name, soa: Any, target: tuple[str, int]) -> None:
+        """Send one zone's NOTIFY to one secondary, retrying until it replies (RFC 1996 section 3.6)."""
+        message = dns.message.make_query(origin, "SOA")
+        message.set_opcode(dns.opcode.NOTIFY)
+        message.flags = (message.flags & ~dns.flags.RD) | dns.flags.AA
+        message.answer.append(soa)
+        host, port = target
+        serial = soa[0].serial
+        attempts = self.config.server.notify_attempts
+        for attempt in range(1, attempts + 1):
+            try:
+                reply = await dns.asyncquery.udp(message, host, port=port, timeout=self.config.server.notify_timeout)
+            except (dns.exception.DNSException, OSError) as exc:
+                log.info(
+                    "NOTIFY of %s serial %d to %s port %d: attempt %d of %d failed: %s",
+                    origin, serial, host, port, attempt, attempts, str(exc) or type(exc).__name__,
+                )
+                continue
+            log.info(
+                "NOTIFY of %s serial %d to %s port %d: reply %s",
+                origin, serial, host, port, dns.rcode.to_text(reply.rcode()),
+            )
+            return
+        log.warning("NOTIFY of %s serial %d to %s port %d: no reply after %d attempts", origin, serial, host, port, attempts)
 
     def _merge_keys(self, stored: list[KeyInfo]) -> list[KeyInfo]:
         names = {key.name for key in self._config_keys}
