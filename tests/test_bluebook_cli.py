@@ -242,3 +242,9 @@ def test_config_check_bluebook(tmp_path):
     result = subprocess.run([*MAILSTACK, "config", "check", "--bluebook", str(config)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert "not valid base64" in result.stderr
+
+
+def test_database_readable_by_owner_only(served):
+    config, _port, _process = served
+    database = config.parent / "data" / "bluebook.db"
+    assert database.stat().st_mode & 0o777 == 0o600

@@ -13,9 +13,11 @@ import base64
 import contextlib
 import datetime as dt
 import logging
+import os
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import dns.name
@@ -26,6 +28,7 @@ import dns.rdatatype
 import dns.rrset
 import dns.serial
 from sqlalchemy import and_, delete, func, insert, select, update
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from mailstack.bluebook import schema
@@ -221,6 +224,7 @@ class ZoneStore:
 
     @classmethod
     async def open(cls, url: str, *, busy_timeout: float = 30.0) -> ZoneStore:
+        _create_private_sqlite_file(url)
         engine = create_engine(url, busy_timeout=busy_timeout, pool_size=2)
         try:
             await schema.ensure_schema(engine)
@@ -464,6 +468,22 @@ class ZoneStore:
                 raise ZoneStoreError(f"TSIG key {key_name} not found")
             await self._bump_generation(connection)
         log.info("TSIG key %s removed", key_name)
+
+
+def _create_private_sqlite_file(url: str) -> None:
+    """Create a new SQLite database file readable by its owner only, since it contains TSIG secrets.
+
+    SQLite gives its -wal and -shm files the permissions of the database file.
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return
+    path = Path(parsed.database)
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
 
 
 def _set_serial(content: ZoneContent, serial: int) -> None:
