@@ -6,6 +6,7 @@ is generated from these declarations by ``mailstack config docs``.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -116,6 +117,19 @@ class SubmissionSection:
     auth_failure_delay: float = option(
         1.0, "Delay before each failed AUTH reply, doubled per recent failure up to 8 times this.", unit="seconds", minimum=0
     )
+    trusted_networks: tuple[str, ...] = option(
+        (),
+        "Client networks (CIDR, for example 127.0.0.1/32) that may submit without STARTTLS and AUTH, "
+        "like Postfix's mynetworks. MAIL FROM must still be a local account or alias, and the "
+        "message is submitted as that account. Empty: every client must authenticate.",
+    )
+
+    def __post_init__(self) -> None:
+        for network in self.trusted_networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(f"trusted_networks: {network!r} is not an IP network such as 127.0.0.1/32") from None
 
 
 @dataclass(frozen=True)
