@@ -81,10 +81,27 @@ class Harness:
         return mailbox.id
 
 
-async def start_harness(tmp_path, **overrides) -> Harness:
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    """Build once per module: a store with the account (argon2 is slow) and the TLS files."""
+    folder = tmp_path_factory.mktemp("imap-template")
+
+    async def build():
+        store = await Store.open(f"sqlite+aiosqlite:///{folder / 'mail.db'}")
+        await store.add_domain("here.test")
+        await store.create_account("bob@here.test", PASSWORD)
+        await store.close()
+
+    asyncio.run(build())
+    tls.ensure_server_certificate(folder, "localhost", (HOST,))
+    return folder
+
+
+async def start_harness(tmp_path, template, **overrides) -> Harness:
+    shutil.copy(template / "mail.db", tmp_path / "mail.db")
+    shutil.copytree(template / "tls", tmp_path / "tls")
     store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'mail.db'}")
-    await store.add_domain("here.test")
-    account = await store.create_account("bob@here.test", PASSWORD)
+    account = await store.get_account("bob@here.test")
     files = tls.ensure_server_certificate(tmp_path, "localhost", (HOST,))
     settings = {"auth_failure_delay": 0.05, **overrides}
     config = IMAPSection(**settings)
@@ -103,8 +120,8 @@ async def start_harness(tmp_path, **overrides) -> Harness:
 
 
 @pytest.fixture
-async def harness(tmp_path):
-    running = await start_harness(tmp_path)
+async def harness(tmp_path, template):
+    running = await start_harness(tmp_path, template)
     yield running
     await running.server.close(2)
     await running.store.close()
@@ -177,8 +194,8 @@ async def test_wrong_password_authenticationfailed(harness):
     assert "[AUTHENTICATIONFAILED]" in await run(check)
 
 
-async def test_failed_logins_are_throttled(tmp_path):
-    harness = await start_harness(tmp_path, auth_failure_limit=2, auth_failure_delay=0.01)
+async def test_failed_logins_are_throttled(tmp_path, template):
+    harness = await start_harness(tmp_path, template, auth_failure_limit=2, auth_failure_delay=0.01)
     try:
         def check():
             client = harness.connect()
@@ -268,8 +285,8 @@ async def test_literal_over_preauth_limit_rejected_unread(harness):
     assert after[-1].startswith(b"b OK")
 
 
-async def test_append_over_limit_toobig(tmp_path):
-    harness = await start_harness(tmp_path, append_limit=2048)
+async def test_append_over_limit_toobig(tmp_path, template):
+    harness = await start_harness(tmp_path, template, append_limit=2048)
     try:
         def check():
             client = raw_connect(harness, login=True)
@@ -305,8 +322,8 @@ async def test_long_line_bad_then_recovers(harness):
     assert after[-1] == b"b OK NOOP completed"
 
 
-async def test_bad_command_budget_then_bye(tmp_path):
-    harness = await start_harness(tmp_path, max_bad_commands=3)
+async def test_bad_command_budget_then_bye(tmp_path, template):
+    harness = await start_harness(tmp_path, template, max_bad_commands=3)
     try:
         def check():
             client = raw_connect(harness)
@@ -326,8 +343,8 @@ async def test_bad_command_budget_then_bye(tmp_path):
     assert closed
 
 
-async def test_autologout_before_login(tmp_path):
-    harness = await start_harness(tmp_path, login_timeout=1)
+async def test_autologout_before_login(tmp_path, template):
+    harness = await start_harness(tmp_path, template, login_timeout=1)
     try:
         def check():
             client = raw_connect(harness)
@@ -360,8 +377,8 @@ async def test_plaintext_after_starttls_discarded(harness):
     assert lines == [b"c OK NOOP completed"]
 
 
-async def test_connection_limit_per_address(tmp_path):
-    harness = await start_harness(tmp_path, max_connections_per_address=1)
+async def test_connection_limit_per_address(tmp_path, template):
+    harness = await start_harness(tmp_path, template, max_connections_per_address=1)
     try:
         def check():
             first = raw_connect(harness)

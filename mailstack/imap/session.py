@@ -38,7 +38,7 @@ from mailstack.imap.search import search
 from mailstack.imap.throttle import LoginThrottle
 from mailstack.imap.view import MailboxView, Update, flag_names, split_flags
 from mailstack.settings import IMAPSection
-from mailstack.store import INBOX, OUTBOX, AlreadyExists, NotFound, Store, StoreError
+from mailstack.store import INBOX, OUTBOX, AlreadyExists, NotFound, Store, StoreError, canonical_name
 from mailstack.store.messages import FlagMode, MessageState
 from mailstack.store.models import Flag
 
@@ -532,20 +532,28 @@ class Session:
         return self.ok(command)
 
     async def do_append(self, command: c.Append) -> bytes:
-        mailbox = await self._mailbox(command.mailbox, missing=r.TryCreate)
-        if mailbox.name == OUTBOX:
+        assert self.account_id is not None
+        if canonical_name(command.mailbox) == OUTBOX:
             raise r.Cannot("the Outbox holds only mail submitted for relay; send mail through SMTP submission")
         if len(command.message) > self.config.append_limit:
             raise r.TooBig(f"message exceeds the APPEND limit of {self.config.append_limit} bytes")
         if not command.message:
             raise r.Cannot("an empty message cannot be appended")
         flags, keywords = split_flags(command.flags)
-        appended = await self.store.append(
-            mailbox.id, command.message, flags=flags, keywords=keywords, internal_date=command.internal_date
-        )
+        try:
+            appended = await self.store.append_to(
+                self.account_id,
+                command.mailbox,
+                command.message,
+                flags=flags,
+                keywords=keywords,
+                internal_date=command.internal_date,
+            )
+        except NotFound:
+            raise r.TryCreate(f"mailbox {command.mailbox[:200]} does not exist") from None
         log.info(
             "session %s: appended %d bytes to %r as UID %d",
-            self.client.session_id, len(command.message), mailbox.name, appended.uid,
+            self.client.session_id, len(command.message), command.mailbox, appended.uid,
         )
         return self.ok(command, code=b"APPENDUID %d %d" % (appended.uidvalidity, appended.uid))
 
