@@ -121,17 +121,17 @@ class QueueMixin(StoreBase):
         """
         now = self.clock()
         expiry = now + dt.timedelta(seconds=lease_seconds)
+        due = (
+            Delivery.state.in_(PENDING_STATES),
+            Delivery.next_attempt <= now,
+            or_(Delivery.lease_expiry.is_(None), Delivery.lease_expiry <= now),
+        )
+        # A read first, so that an idle scan does not take SQLite's write lock.
+        async with self.read() as session:
+            if await session.scalar(select(Delivery.id).where(*due).limit(1)) is None:
+                return []
         async with self.write() as session:
-            query = (
-                select(Delivery.id)
-                .where(
-                    Delivery.state.in_(PENDING_STATES),
-                    Delivery.next_attempt <= now,
-                    or_(Delivery.lease_expiry.is_(None), Delivery.lease_expiry <= now),
-                )
-                .order_by(Delivery.next_attempt, Delivery.id)
-                .limit(limit)
-            )
+            query = select(Delivery.id).where(*due).order_by(Delivery.next_attempt, Delivery.id).limit(limit)
             if self.dialect == "postgresql":
                 query = query.with_for_update(skip_locked=True)
             ids = list(await session.scalars(query))

@@ -178,7 +178,8 @@ class QueueRunner:
 
     def _group_done(self, task: asyncio.Task) -> None:
         self._groups.discard(task)
-        if len(self._groups) == self._max_in_flight - 1:
+        # Claim again once half the slots are free, so claims come in batches.
+        if len(self._groups) == self._max_in_flight // 2:
             self.wake()
 
     # One attempt ------------------------------------------------------------
