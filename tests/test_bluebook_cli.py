@@ -23,6 +23,9 @@ import dns.resolver
 import dns.tsigkeyring
 import dns.update
 import pytest
+from click.testing import CliRunner, Result
+
+from mailstack.cli import main
 
 HOST = "127.0.3.2"
 MAILSTACK = [sys.executable, "-m", "mailstack"]
@@ -45,7 +48,19 @@ def free_port() -> int:
     raise RuntimeError("no free port")
 
 
-def run(config: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def run(config: Path, *args: str, check: bool = True) -> Result:
+    """Run `mailstack bluebook ARGS --config CONFIG` through the real command line, in this process.
+
+    Only `serve` and the first `add` start separate processes, because a
+    Python start-up per command would make this file slow on a busy machine.
+    """
+    result = CliRunner().invoke(main, ["bluebook", *args, "--config", str(config)], env={"MAILSTACK_BLUEBOOK_CONFIG": None})
+    if check:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+def run_process(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
         [*MAILSTACK, "bluebook", *args, "--config", str(config)],
         capture_output=True,
@@ -53,8 +68,7 @@ def run(config: Path, *args: str, check: bool = True) -> subprocess.CompletedPro
         timeout=60,
         env={k: v for k, v in os.environ.items() if not k.startswith("MAILSTACK_")},
     )
-    if check:
-        assert result.returncode == 0, result.stderr + result.stdout
+    assert result.returncode == 0, result.stderr + result.stdout
     return result
 
 
@@ -67,7 +81,7 @@ def served(tmp_path_factory):
         f'[server]\nlisten = ["{HOST}"]\nport = {port}\ndata_dir = "data"\nreload_interval = 0.25\n'
         '[zone]\nttl = 120\n'
     )
-    run(config, "add", "here.test", "--mx", "mx.here.test", "--address", "127.0.1.10")
+    run_process(config, "add", "here.test", "--mx", "mx.here.test", "--address", "127.0.1.10")
     log_file = (folder / "serve.log").open("w")
     process = subprocess.Popen(
         [*MAILSTACK, "--log-level", "INFO", "bluebook", "serve", "--config", str(config)],
@@ -198,7 +212,7 @@ def test_export_import_round_trip(served, tmp_path):
     assert "zone copy.test imported" in result.stdout
     wait_for(port, "copy.test", "MX", lambda r: bool(r.answer) and r.answer[0][0].exchange.to_text() == "mx.copy.test.")
     again = run(config, "import", str(copy), check=False)
-    assert again.returncode == 1
+    assert again.exit_code == 1
     assert "already exists" in again.stderr
     before = serial(port, "copy.test")
     run(config, "import", str(copy), "--replace")
@@ -208,25 +222,25 @@ def test_export_import_round_trip(served, tmp_path):
 def test_errors_are_clear(served, tmp_path):
     config, _port, _process = served
     duplicate = run(config, "add", "here.test", "--mx", "mx.here.test", "--address", "127.0.1.10", check=False)
-    assert duplicate.returncode == 1
+    assert duplicate.exit_code == 1
     assert "already exists" in duplicate.stderr
     bad_address = run(config, "add", "bad.test", "--mx", "mx.bad.test", "--address", "not-an-ip", check=False)
-    assert bad_address.returncode == 1
+    assert bad_address.exit_code == 1
     assert "invalid IP address 'not-an-ip'" in bad_address.stderr
     no_address = run(config, "add", "bad.test", "--mx", "mx.bad.test", check=False)
     assert "give its address with --address" in no_address.stderr
     missing = run(config, "update", "absent.test", "--spf", "v=spf1 -all", check=False)
-    assert missing.returncode == 1
+    assert missing.exit_code == 1
     assert "zone absent.test. not found" in missing.stderr
     bad_data = run(config, "record", "add", "x.here.test", "MX", "not", "valid", check=False)
-    assert bad_data.returncode == 1
+    assert bad_data.exit_code == 1
     assert "invalid MX data" in bad_data.stderr
     soa = run(config, "record", "remove", "here.test", "SOA", check=False)
     assert "SOA record cannot be removed" in soa.stderr
     bad_config = tmp_path / "bad.toml"
     bad_config.write_text("[server]\nport = 70000\n")
     result = run(bad_config, "list", check=False)
-    assert result.returncode == 1
+    assert result.exit_code == 1
     assert "port" in result.stderr
     assert "at most 65535" in result.stderr
 
@@ -234,13 +248,13 @@ def test_errors_are_clear(served, tmp_path):
 def test_config_check_bluebook(tmp_path):
     config = tmp_path / "bluebook.toml"
     config.write_text('[keys]\ntsig = ["k:c2VjcmV0"]\n[server]\nlisten = ["127.0.3.9"]\n')
-    result = subprocess.run([*MAILSTACK, "config", "check", "--bluebook", str(config)], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
+    result = CliRunner().invoke(main, ["config", "check", "--bluebook", str(config)])
+    assert result.exit_code == 0, result.output
     assert "c2VjcmV0" not in result.stdout
     assert '"127.0.3.9"' in result.stdout
     config.write_text('[keys]\ntsig = ["k:not base64!"]\n')
-    result = subprocess.run([*MAILSTACK, "config", "check", "--bluebook", str(config)], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 1
+    result = CliRunner().invoke(main, ["config", "check", "--bluebook", str(config)])
+    assert result.exit_code == 1
     assert "not valid base64" in result.stderr
 
 
