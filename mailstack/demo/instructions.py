@@ -11,6 +11,13 @@ def _account(world: dict[str, Any], domain: str) -> tuple[dict[str, Any], dict[s
     return server, server["accounts"][0]
 
 
+def _shell_word(text: str) -> str:
+    """Quote ``text`` for a POSIX shell, in double quotes when that needs no escapes (easier to read)."""
+    if not any(character in text for character in '"$`\\!'):
+        return f'"{text}"'
+    return shlex.quote(text)
+
+
 def render(world: dict[str, Any]) -> str:
     """Return the instructions for ``world`` (the content of world.json)."""
     ca = shlex.quote(world["ca_file"])
@@ -68,11 +75,11 @@ def render(world: dict[str, Any]) -> str:
         f"'imaps://{there['address']}:{there['ports']['imaps']}/INBOX;UID=1'",
         "",
         "Read bob's INBOX from Python:",
-        "  python3 -c " + shlex.quote(
+        "  python3 -c " + _shell_word(
             "import imaplib, ssl; "
-            f"c = imaplib.IMAP4_SSL('{there['address']}', {there['ports']['imaps']}, "
-            f"ssl_context=ssl.create_default_context(cafile='{world['ca_file']}')); "
-            f"c.login('{bob['address']}', '{bob['password']}'); "
+            f"c = imaplib.IMAP4_SSL({there['address']!r}, {there['ports']['imaps']}, "
+            f"ssl_context=ssl.create_default_context(cafile={world['ca_file']!r})); "
+            f"c.login({bob['address']!r}, {bob['password']!r}); "
             "print(c.select('INBOX')); print(c.fetch('1:*', '(BODY.PEEK[HEADER.FIELDS (FROM SUBJECT)])'))"
         ),
         "",

@@ -166,7 +166,11 @@ async def register(world: World, supervisor: Supervisor, passwords: dict[str, st
     """Publish both domains in the Blue Book and create or update the accounts."""
     jobs = [_register_domains(world, supervisor)]
     jobs += [_ensure_accounts(world, supervisor, server, passwords) for server in world.servers]
-    # Let every job finish so that no failure goes unreported, then raise the first.
+    await _gather_all(jobs)
+
+
+async def _gather_all(jobs: list[Any]) -> None:
+    """Run ``jobs`` together and let each finish, so no failure goes unreported; then raise the first."""
     results = await asyncio.gather(*jobs, return_exceptions=True)
     for result in results:
         if isinstance(result, BaseException):
@@ -174,33 +178,43 @@ async def register(world: World, supervisor: Supervisor, passwords: dict[str, st
 
 
 async def _register_domains(world: World, supervisor: Supervisor) -> None:
-    config = str(world.bluebook_config)
-    existing: set[str] = set()
-    # On the first run there is no database yet, so listing it would only cost time.
-    if (world.bluebook_dir / "data" / "bluebook.db").exists():
-        listing = await supervisor.run("bluebook list", mailstack_command("bluebook", "list", "--json", "--config", config))
-        existing = {row["domain"].rstrip(".") for row in json.loads(listing)}
-    for server in world.servers:
+    if not (world.bluebook_dir / "data" / "bluebook.db").exists():
+        # The first command creates the database schema, so the adds run one after the other.
+        for server in world.servers:
+            await supervisor.run(f"bluebook add {server.domain}", bluebook_register_command(world, server, "add"))
+        return
+
+    async def update_or_add(server: MailServerPlan) -> None:
         # A zone from an earlier run is updated, so changed addresses or ports take effect.
-        verb = "update" if server.domain in existing else "add"
-        await supervisor.run(f"bluebook {verb} {server.domain}", bluebook_register_command(world, server, verb))
+        try:
+            await supervisor.run(f"bluebook update {server.domain}", bluebook_register_command(world, server, "update"))
+        except ChildFailed as failure:
+            log.info("cannot update zone %s, adding it instead: %s", server.domain, failure)
+            await supervisor.run(f"bluebook add {server.domain}", bluebook_register_command(world, server, "add"))
+
+    await _gather_all([update_or_add(server) for server in world.servers])
 
 
 async def _ensure_accounts(world: World, supervisor: Supervisor, server: MailServerPlan, passwords: dict[str, str]) -> None:
     config = str(world.server_config(server))
-    existing: set[str] = set()
-    if (world.server_dir(server) / "data" / "mailstack.db").exists():
-        listing = await supervisor.run(
-            f"user list {server.domain}", mailstack_command("user", "list", "--json", "--config", config)
-        )
-        existing = {row["address"] for row in json.loads(listing)}
+    store_exists = (world.server_dir(server) / "data" / "mailstack.db").exists()
     for account in server.accounts:
-        # An existing account gets the saved password again, so world.json is always right.
-        action = "passwd" if account in existing else "add"
+        password = passwords[account] + "\n"
+        if store_exists:
+            # An existing account gets the saved password again, so world.json is always right.
+            try:
+                await supervisor.run(
+                    f"user passwd {account}",
+                    mailstack_command("user", "passwd", account, "--password-stdin", "--config", config),
+                    input_text=password,
+                )
+                continue
+            except ChildFailed as failure:
+                log.info("cannot set the password of %s, creating the account instead: %s", account, failure)
         await supervisor.run(
-            f"user {action} {account}",
-            mailstack_command("user", action, account, "--password-stdin", "--config", config),
-            input_text=passwords[account] + "\n",
+            f"user add {account}",
+            mailstack_command("user", "add", account, "--password-stdin", "--config", config),
+            input_text=password,
         )
 
 
