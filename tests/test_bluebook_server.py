@@ -241,15 +241,19 @@ async def test_empty_non_terminal_is_nodata(bluebook):
     assert response.authority[0].rdtype == dns.rdatatype.SOA
 
 
-async def test_unknown_qtype_is_nodata(bluebook):
-    response = await bluebook.udp(dns.message.make_query("here.test", "TYPE65280"))
+async def test_unknown_qtype_is_nodata(bluebook, raw_udp):
+    # QTYPE 65280 (private use) at the apex.
+    packet = b"\x00\x0b\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00\x04here\x04test\x00\xff\x00\x00\x01"
+    response = dns.message.from_wire(await raw_udp(packet))
+    assert response.id == 0x0B
     assert response.rcode() == dns.rcode.NOERROR
     assert response.answer == []
     assert response.authority[0].rdtype == dns.rdatatype.SOA
 
 
-async def test_any_gets_rfc8482_answer(bluebook):
-    response = await bluebook.udp(dns.message.make_query("here.test", "ANY"))
+async def test_any_gets_rfc8482_answer(bluebook, raw_udp):
+    packet = b"\x00\x0c\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00\x04here\x04test\x00\x00\xff\x00\x01"
+    response = dns.message.from_wire(await raw_udp(packet))
     assert response.rcode() == dns.rcode.NOERROR
     assert len(response.answer) == 1
     assert response.answer[0].rdtype == dns.rdatatype.HINFO
@@ -322,8 +326,12 @@ async def test_edns_opt_answered(bluebook):
     assert plain.edns == -1
 
 
-async def test_edns_version_1_badvers(bluebook):
-    response = await bluebook.udp(dns.message.make_query("here.test", "MX", use_edns=1))
+async def test_edns_version_1_badvers(bluebook, raw_udp):
+    question = b"\x04here\x04test\x00\x00\x0f\x00\x01"
+    # OPT: root name, type 41, payload 1232, extended rcode 0, version 1, no flags, no data.
+    opt = b"\x00\x00\x29\x04\xd0\x00\x01\x00\x00\x00\x00"
+    packet = b"\x00\x0d\x00\x00\x00\x01\x00\x00\x00\x00\x00\x01" + question + opt
+    response = dns.message.from_wire(await raw_udp(packet))
     assert response.rcode() == dns.rcode.BADVERS
     assert response.edns == 0
 
