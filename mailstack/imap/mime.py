@@ -69,7 +69,6 @@ MAX_DEPTH = 32
 MAX_PARTS = 5000
 
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
-_LINE_SPLIT = re.compile(rb"(?<=\n)")
 
 
 def split_header(data: bytes) -> tuple[bytes, bytes]:
@@ -88,34 +87,20 @@ def split_header(data: bytes) -> tuple[bytes, bytes]:
     return data[: match.end()], data[match.end() :]
 
 
+# A field starts a line with its name and a colon; the lines after it that
+# start with a space or tab continue it. Lines of any other form are ignored.
+_FIELD = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:([^\n]*(?:\n[ \t][^\n]*)*)(?:\n|\Z)", re.MULTILINE)
+_FOLD = re.compile(rb"\r?\n(?=[ \t])")
+
+
 def _header_fields(header: bytes) -> list[tuple[str, bytes, bytes]]:
     """Return ``(NAME, raw lines, unfolded value)`` for each field, in order."""
     fields: list[tuple[str, bytes, bytes]] = []
-    current_name: str | None = None
-    current: list[bytes] = []
-
-    def finish() -> None:
-        if current_name is not None:
-            raw = b"".join(current)
-            value = raw.split(b":", 1)[1]
-            value = re.sub(rb"\r?\n(?=[ \t])", b"", value).strip(b" \t\r\n")
-            fields.append((current_name, raw, value))
-
-    for line in _LINE_SPLIT.split(header):
-        if not line:
-            continue
-        if line[:1] in (b" ", b"\t") and current_name is not None:
-            current.append(line)
-            continue
-        finish()
-        current_name = None
-        current = []
-        name, colon, _ = line.partition(b":")
-        name = name.rstrip(b" \t")
-        if colon and name and b" " not in name and all(0x21 <= byte <= 0x7E for byte in name):
-            current_name = name.decode("ascii").upper()
-            current = [line]
-    finish()
+    for match in _FIELD.finditer(header):
+        value = match.group(2)
+        if b"\n" in value:
+            value = _FOLD.sub(b"", value)
+        fields.append((match.group(1).decode("ascii").upper(), match.group(), value.strip(b" \t\r\n")))
     return fields
 
 
@@ -248,12 +233,15 @@ class MimePart:
     message/rfc822 part (both empty for a leaf).
     """
 
-    __slots__ = ("header", "body", "fields", "maintype", "subtype", "params", "children", "message")
+    __slots__ = ("header", "body", "fields", "_first_values", "maintype", "subtype", "params", "children", "message")
 
     def __init__(self, header: bytes, body: bytes, default_type: tuple[bytes, bytes], depth: int, budget: list[int]) -> None:
         self.header = header
         self.body = body
         self.fields = _header_fields(header)
+        self._first_values: dict[str, bytes] = {}
+        for field_name, _, value in self.fields:
+            self._first_values.setdefault(field_name, value)
         maintype, subtype, params = _parse_content_type(self.field(b"CONTENT-TYPE"), default_type)
         self.maintype = maintype
         self.subtype = subtype
@@ -281,11 +269,7 @@ class MimePart:
 
     def field(self, name: bytes) -> bytes | None:
         """Return the unfolded value of the first field called ``name`` (upper case), or None."""
-        wanted = name.decode("ascii")
-        for field_name, _, value in self.fields:
-            if field_name == wanted:
-                return value
-        return None
+        return self._first_values.get(name.decode("ascii"))
 
     def param(self, name: bytes) -> bytes | None:
         """Return a Content-Type parameter by case-insensitive name."""

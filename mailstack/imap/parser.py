@@ -825,7 +825,7 @@ def _status(reader: _Reader, tag: str, uid: bool) -> c.Command:
 def _date_time(reader: _Reader) -> datetime.datetime:
     raw = reader.quoted()
     match = re.fullmatch(
-        rb"([ \d]\d)-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\d) ([+-])(\d\d)(\d\d)", raw
+        rb" ?(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\d) ([+-])(\d\d)(\d\d)", raw
     )
     month = _MONTHS.get(match.group(2).decode("ascii").upper()) if match else None
     if match is None or month is None:
