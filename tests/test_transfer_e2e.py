@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 
@@ -67,17 +68,18 @@ async def dns_server():
     await server.stop()
 
 
-@pytest.fixture
-async def blue_book(tmp_path):
-    """Run `mailstack bluebook serve` with zones for here.test and there.test; yield its port."""
-    config = tmp_path / "bluebook.toml"
+@pytest.fixture(scope="module")
+def blue_book(tmp_path_factory):
+    """Run `mailstack bluebook serve` with zones for here.test and there.test; return its port."""
+    folder = tmp_path_factory.mktemp("bluebook")
+    config = folder / "bluebook.toml"
     config.write_text(
         textwrap.dedent(
             f"""
             [server]
             listen = ["{BLUE_BOOK_HOST}"]
             port = 53
-            data_dir = "{tmp_path / 'bluebook'}"
+            data_dir = "{folder / 'data'}"
             """
         )
     )
@@ -90,25 +92,31 @@ async def blue_book(tmp_path):
             timeout=60,
         )
         assert added.returncode == 0, added.stderr
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mailstack", "bluebook", "serve", "--config", str(config),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
+    log_file = (folder / "bluebook.log").open("w+b")
+    copier = None
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mailstack", "bluebook", "serve", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
-        while True:
-            line = await asyncio.wait_for(process.stderr.readline(), 30)
-            assert line, "the Blue Book exited before it listened"
+        # The server logs one line when its sockets are bound.
+        for line in process.stderr:
+            log_file.write(line)
             if b"Blue Book listening on" in line:
                 break
-        # Keep reading its log so that the pipe never fills up.
-        drain = asyncio.create_task(process.stderr.read())
+        else:
+            raise AssertionError("the Blue Book exited before it listened")
+        # Keep copying its log so that a full pipe never blocks the server.
+        copier = threading.Thread(target=lambda: [log_file.write(line) for line in process.stderr], daemon=True)
+        copier.start()
         yield 53
     finally:
-        if process.returncode is None:
-            process.terminate()
-            await asyncio.wait_for(process.wait(), 10)
-    await drain
+        process.terminate()
+        process.wait(10)
+        if copier is not None:
+            copier.join(10)
+        log_file.close()
 
 
 async def stored(store: Store, mailbox_id: int) -> list[bytes]:
@@ -218,3 +226,56 @@ async def test_killed_worker_redelivers_after_lease(tmp_path, dns_server):
     outbox = await store.get_mailbox(alice.id, "Outbox")
     assert (await store.mailbox_status(outbox.id)).messages == 0
     await store.close()
+
+
+async def test_submit_relay_and_read_over_imap(tmp_path, blue_book):
+    """A user's path end to end: submission on 587, relay on 25, IMAP on 143."""
+    import imaplib
+    import smtplib
+    import ssl
+
+    roles = ("submission", "imap", "transfer")
+    here_config, _ = server_config(tmp_path, "here", HERE_HOST, "here.test", blue_book, nameserver=BLUE_BOOK_HOST)
+    there_config, _ = server_config(tmp_path, "there", THERE_HOST, "there.test", blue_book, nameserver=BLUE_BOOK_HOST)
+    async with contextlib.AsyncExitStack() as stack:
+        there = await start_services(there_config, roles, stack)
+        here = await start_services(here_config, roles, stack)
+        alice = await here.store.create_account("alice@here.test", "alice-secret")
+        bob = await there.store.create_account("bob@there.test", "bob-secret")
+        bob_inbox = await there.store.get_mailbox(bob.id, "INBOX")
+        outbox = await here.store.get_mailbox(alice.id, "Outbox")
+        arrived = inbox_event(there.store, bob_inbox.id)
+        outbox_changed = inbox_event(here.store, outbox.id)
+
+        def submit() -> dict:
+            context = ssl.create_default_context(cafile=str(here.tls_files.ca_file))
+            context.check_hostname = False
+            with smtplib.SMTP(HERE_HOST, 587, local_hostname="laptop.here.test", timeout=20) as client:
+                client.starttls(context=context)
+                client.login("alice@here.test", "alice-secret")
+                return client.sendmail("alice@here.test", ["bob@there.test"], MESSAGE)
+
+        assert await asyncio.to_thread(submit) == {}
+        await asyncio.wait_for(arrived.wait(), 20)
+        while (await here.store.mailbox_status(outbox.id)).messages:
+            outbox_changed.clear()
+            await asyncio.wait_for(outbox_changed.wait(), 20)
+
+        def read() -> tuple[bytes, bytes]:
+            context = ssl.create_default_context(cafile=str(there.tls_files.ca_file))
+            context.check_hostname = False
+            with imaplib.IMAP4(THERE_HOST, 143, timeout=20) as client:
+                client.starttls(ssl_context=context)
+                client.login("bob@there.test", "bob-secret")
+                client.select("INBOX")
+                _, found = client.search(None, "ALL")
+                _, data = client.fetch(found[0].split()[0], "(BODY.PEEK[])")
+                client.logout()
+                return found[0], data[0][1]
+
+        found, body = await asyncio.to_thread(read)
+        assert found == b"1"
+        assert b"Subject: across" in body
+        assert b"Hello there." in body
+        assert b"Return-Path: <alice@here.test>" in body
+        assert await here.store.list_queue() == []
