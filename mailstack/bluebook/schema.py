@@ -20,7 +20,9 @@ from sqlalchemy import (
     inspect,
     select,
 )
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from mailstack.store.engine import WRITE_OPTION
 
 SCHEMA_VERSION = 1
 
@@ -79,18 +81,26 @@ async def ensure_schema(engine: AsyncEngine) -> None:
     Tables are created only when none of them exists yet, so an existing
     database is never altered behind the operator's back.
     """
-    async with engine.begin() as connection:
-        existing = await connection.run_sync(lambda sync: set(inspect(sync).get_table_names()))
-        ours = set(metadata.tables)
-        if not existing & ours:
-            await connection.run_sync(metadata.create_all)
-            await connection.execute(state.insert().values(id=1, schema_version=SCHEMA_VERSION, generation=0))
-            return
-        missing = ours - existing
-        if missing:
-            raise SchemaMismatch(f"the Blue Book database lacks the tables {', '.join(sorted(missing))}")
-        version = (await connection.execute(select(state.c.schema_version).where(state.c.id == 1))).scalar()
-        if version != SCHEMA_VERSION:
-            raise SchemaMismatch(
-                f"the Blue Book database has schema version {version}, this program expects {SCHEMA_VERSION}"
-            )
+    async with engine.connect() as connection:
+        # BEGIN IMMEDIATE on SQLite: two processes opening a new database at
+        # once take turns, so only the first creates the tables.
+        connection = await connection.execution_options(**{WRITE_OPTION: True})
+        async with connection.begin():
+            await _create_or_check(connection)
+
+
+async def _create_or_check(connection: AsyncConnection) -> None:
+    existing = await connection.run_sync(lambda sync: set(inspect(sync).get_table_names()))
+    ours = set(metadata.tables)
+    if not existing & ours:
+        await connection.run_sync(metadata.create_all)
+        await connection.execute(state.insert().values(id=1, schema_version=SCHEMA_VERSION, generation=0))
+        return
+    missing = ours - existing
+    if missing:
+        raise SchemaMismatch(f"the Blue Book database lacks the tables {', '.join(sorted(missing))}")
+    version = (await connection.execute(select(state.c.schema_version).where(state.c.id == 1))).scalar()
+    if version != SCHEMA_VERSION:
+        raise SchemaMismatch(
+            f"the Blue Book database has schema version {version}, this program expects {SCHEMA_VERSION}"
+        )
