@@ -110,6 +110,11 @@ def ask(port: int, name: str, rdtype: str) -> dns.message.Message:
     return dns.query.udp(dns.message.make_query(name, rdtype), HOST, port=port, timeout=2)
 
 
+# The one-second promise is checked by the first tests; the others allow more time so
+# that a busy CI machine does not make them fail for a reason they do not test.
+RELAXED = 5.0
+
+
 def wait_for(port: int, name: str, rdtype: str, predicate, limit: float = 1.0) -> float:
     """Query until ``predicate(response)`` holds; return how long it took, failing after ``limit`` s."""
     started = time.monotonic()
@@ -153,17 +158,17 @@ def test_update_raises_serial(served):
 def test_record_add_and_remove(served):
     config, port, _process = served
     run(config, "record", "add", "_dmarc.here.test", "TXT", '"v=DMARC1; p=reject"')
-    wait_for(port, "_dmarc.here.test", "TXT", lambda r: bool(r.answer))
+    wait_for(port, "_dmarc.here.test", "TXT", lambda r: bool(r.answer), limit=RELAXED)
     run(config, "record", "remove", "_dmarc.here.test", "TXT")
-    wait_for(port, "_dmarc.here.test", "TXT", lambda r: r.rcode() == dns.rcode.NXDOMAIN)
+    wait_for(port, "_dmarc.here.test", "TXT", lambda r: r.rcode() == dns.rcode.NXDOMAIN, limit=RELAXED)
 
 
 def test_remove_zone_then_refused(served):
     config, port, _process = served
     run(config, "add", "gone.test", "--mx", "mx.here.test")
-    wait_for(port, "gone.test", "MX", lambda r: bool(r.answer))
+    wait_for(port, "gone.test", "MX", lambda r: bool(r.answer), limit=RELAXED)
     run(config, "remove", "gone.test")
-    wait_for(port, "gone.test", "MX", lambda r: r.rcode() == dns.rcode.REFUSED)
+    wait_for(port, "gone.test", "MX", lambda r: r.rcode() == dns.rcode.REFUSED, limit=RELAXED)
 
 
 def test_key_add_works_for_update(served):
@@ -210,13 +215,13 @@ def test_export_import_round_trip(served, tmp_path):
     copy.write_text(text)
     result = run(config, "import", str(copy))
     assert "zone copy.test imported" in result.stdout
-    wait_for(port, "copy.test", "MX", lambda r: bool(r.answer) and r.answer[0][0].exchange.to_text() == "mx.copy.test.")
+    wait_for(port, "copy.test", "MX", lambda r: bool(r.answer) and r.answer[0][0].exchange.to_text() == "mx.copy.test.", limit=RELAXED)
     again = run(config, "import", str(copy), check=False)
     assert again.exit_code == 1
     assert "already exists" in again.stderr
     before = serial(port, "copy.test")
     run(config, "import", str(copy), "--replace")
-    wait_for(port, "copy.test", "SOA", lambda r: r.answer[0][0].serial > before)
+    wait_for(port, "copy.test", "SOA", lambda r: r.answer[0][0].serial > before, limit=RELAXED)
 
 
 def test_errors_are_clear(served, tmp_path):
