@@ -389,6 +389,31 @@ def test_printed_python_reads_inbox(demo: Demo, world: dict[str, Any]) -> None:
     assert "Subject: For python" in result.stdout
 
 
+def test_healthcheck_probes_world(world: dict[str, Any]) -> None:
+    here = world["servers"]["here.test"]
+    bluebook = world["bluebook"]
+    probes = [
+        ["smtp", here["address"], str(here["ports"]["smtp"])],
+        ["smtp", here["address"], str(here["ports"]["submission"])],
+        ["smtps", here["address"], str(here["ports"]["submissions"])],
+        ["imap", here["address"], str(here["ports"]["imap"])],
+        ["imaps", here["address"], str(here["ports"]["imaps"])],
+        ["dns", bluebook["address"], str(bluebook["port"]), "here.test"],
+    ]
+    for arguments in probes:
+        result = subprocess.run(
+            [sys.executable, "-m", "mailstack.demo.probe", *arguments], capture_output=True, text=True, timeout=30
+        )
+        assert result.returncode == 0, f"{arguments}: {result.stderr}"
+        assert result.stdout.strip(), arguments
+    refused = subprocess.run(
+        [sys.executable, "-m", "mailstack.demo.probe", "dns", bluebook["address"], str(bluebook["port"]), "example.com"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert refused.returncode == 1
+    assert "REFUSED" in refused.stderr
+
+
 # Guards a user runs into -------------------------------------------------------------------
 
 

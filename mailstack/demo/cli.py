@@ -41,6 +41,12 @@ class Interrupted(Exception):
     """SIGINT or SIGTERM arrived before the world was ready."""
 
 
+def _echo_now(text: str) -> None:
+    """Print one line and flush it, so a pipe sees each check step as it happens."""
+    click.echo(text)
+    sys.stdout.flush()
+
+
 async def _run(world: World, supervisor: Supervisor, *, fresh: bool, check: bool, timeout: float, stop: asyncio.Event) -> int:
     world_module.prepare_data_dir(world, fresh)
     secrets_document = world_module.load_secrets(world)
@@ -56,8 +62,8 @@ async def _run(world: World, supervisor: Supervisor, *, fresh: bool, check: bool
     log.info("every server responded %.2f s after start", time.monotonic() - started)
 
     if check:
-        click.echo(f"{READY_LINE} (check mode)")
-        check_task = asyncio.create_task(check_module.run_check(description, click.echo, timeout))
+        _echo_now(f"{READY_LINE} (check mode)")
+        check_task = asyncio.create_task(check_module.run_check(description, _echo_now, timeout))
         failure = asyncio.create_task(supervisor.wait_for_failure())
         stopped = asyncio.create_task(stop.wait())
         try:
