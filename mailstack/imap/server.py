@@ -1,10 +1,10 @@
 """The asyncio side of the IMAP server: sockets, framing, limits, TLS, timeouts and IDLE.
 
-Each connection reads one command at a time. A command is a line, plus the
-literals it announces: the announced size of every literal is checked before
-any byte of it is read (8 KiB before login, the APPEND limit after), and a
-synchronising literal is only asked for with ``+`` once it passed. The whole
-command then goes to the pure parser, and the typed command to the session.
+Each connection reads one command at a time. A command is a line plus the
+literals it announces. The announced size of every literal is checked before
+any byte of it is read (8 KiB before login, the APPEND limit after). A
+synchronising literal is asked for with ``+`` only after that check. The
+parser turns the bytes into a typed command, and the session runs it.
 
 Defences and where they sit:
 
@@ -40,8 +40,8 @@ PRE_AUTH_LITERAL_LIMIT = 8 * 1024
 # How often an IDLE session checks HIGHESTMODSEQ for changes made by other processes.
 CHANGE_POLL_INTERVAL = 0.5
 READ_SIZE = 64 * 1024
-# After login, a LITERAL+ literal over its limit is skipped (and the connection
-# kept) only when it is at most this many times the limit; larger ones close it.
+# After login, a LITERAL+ literal over its limit is skipped when it is at most
+# this many times the limit. A larger one closes the connection.
 NON_SYNC_SKIP_FACTOR = 2
 
 
@@ -308,6 +308,15 @@ class Connection:
                 await asyncio.wait_for(self.writer.drain(), 5)
         except (ConnectionError, OSError, ssl.SSLError) as exc:
             reason = f"connection error: {exc.__class__.__name__}"
+        except Exception:
+            # A failure outside any command (for example in framing) leaves the
+            # stream in an unknown state, so the session ends instead of going on.
+            error_id = secrets.token_hex(4)
+            reason = f"internal error, id {error_id}"
+            log.exception("IMAP session %s failed, error id %s", client.session_id, error_id)
+            with contextlib.suppress(OSError, ConnectionError, asyncio.TimeoutError):
+                self.writer.write(r.untagged_status(b"BYE", f"internal server error, id {error_id}", b"SERVERBUG"))
+                await asyncio.wait_for(self.writer.drain(), 5)
         except asyncio.CancelledError:
             reason = "server shutdown"
             with contextlib.suppress(OSError, ConnectionError, asyncio.TimeoutError, asyncio.CancelledError):
@@ -397,9 +406,11 @@ class Connection:
         context = self.server.ssl_context
         if context is None:
             raise r.Unavailable("TLS is not configured on this server")
-        await self.send(r.tagged(command.tag, b"OK", "begin TLS negotiation now"))
-        # Bytes the client sent after STARTTLS but before the handshake were never
-        # protected; reading them as commands would allow command injection.
+        # Stop reading before the OK goes out: the client's TLS handshake follows the OK
+        # at once, and bytes read into the plaintext buffer would never reach TLS.
+        self.writer.transport.pause_reading()
+        # Bytes the client sent after STARTTLS and before the OK were never protected;
+        # reading them as commands after the handshake would allow command injection.
         dropped = self.parser.discard_buffered()
         buffered = getattr(self.reader, "_buffer", None)
         if buffered:
@@ -407,6 +418,7 @@ class Connection:
             buffered.clear()
         if dropped:
             log.warning("session %s: discarded %d plaintext bytes sent after STARTTLS", self.client.session_id, dropped)
+        await self.send(r.tagged(command.tag, b"OK", "begin TLS negotiation now"))
         try:
             await asyncio.wait_for(self.writer.start_tls(context), self.config.login_timeout)
         except (ssl.SSLError, asyncio.TimeoutError, ConnectionError, OSError) as exc:

@@ -22,8 +22,6 @@ selected          the above plus CHECK CLOSE UNSELECT EXPUNGE SEARCH
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import enum
 import importlib.metadata
 import logging
@@ -534,7 +532,7 @@ class Session:
     async def do_append(self, command: c.Append) -> bytes:
         assert self.account_id is not None
         if canonical_name(command.mailbox) == OUTBOX:
-            raise r.Cannot("the Outbox holds only mail submitted for relay; send mail through SMTP submission")
+            raise r.Cannot("APPEND to the Outbox is not allowed: it contains only mail submitted for relay over SMTP")
         if len(command.message) > self.config.append_limit:
             raise r.TooBig(f"message exceeds the APPEND limit of {self.config.append_limit} bytes")
         if not command.message:
@@ -565,9 +563,6 @@ class Session:
         # No ENABLE-able extension is announced yet, so none is enabled (RFC 5161 allows this).
         self.emit(b"* ENABLED\r\n")
         return self.ok(command)
-
-    async def do_idle(self, command: c.Idle) -> bytes:
-        raise AssertionError("IDLE is run by the connection")  # pragma: no cover
 
     # Selected state -----------------------------------------------------------------
 
@@ -773,17 +768,6 @@ def parse_plain(data: bytes) -> tuple[str, str]:
     if authorize_as and authorize_as.lower() != username.lower():
         raise r.AuthorizationFailed("logging in as another user is not allowed")
     return username, secret
-
-
-def decode_sasl_line(line: bytes) -> bytes:
-    """Decode a base64 SASL continuation line; ``*`` cancels the exchange (BAD)."""
-    text = line.strip()
-    if text == b"*":
-        raise r.BadCommand("authentication cancelled")
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise r.BadCommand("invalid base64 in the SASL response") from None
 
 
 HANDLERS = {

@@ -62,7 +62,7 @@ class Update:
 
 
 class MailboxView:
-    """The selected mailbox as one session knows it."""
+    """The selected mailbox as one session has seen it so far."""
 
     def __init__(
         self,
