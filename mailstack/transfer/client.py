@@ -160,7 +160,7 @@ class Sender:
                         continue
                     except _TryNextHost as exc:
                         last = exc.reply
-                        log.info("%s: %s: %s; trying the next host", log_id, label, exc.reply.describe())
+                        log.info("%s: %s; trying the next host", log_id, exc.reply.describe())
                         break
         if last is None:
             last = local_failure("4.4.4", "no mail host to connect to")

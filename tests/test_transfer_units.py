@@ -1,0 +1,131 @@
+"""Pure parts of the transfer role: reply parsing, backoff, notifications and trace fields."""
+
+from __future__ import annotations
+
+import datetime as dt
+import email
+import email.policy
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mailstack.transfer.client import local_failure, peer_reply
+from mailstack.transfer.dsn import MAX_RETURNED_HEADERS, RecipientStatus, build_dsn, original_headers
+from mailstack.transfer.inbound import count_received
+from mailstack.transfer.runner import RetryPolicy
+
+NOW = dt.datetime(2026, 1, 5, 12, 0, tzinfo=dt.timezone.utc)
+
+
+@pytest.mark.parametrize(
+    ("code", "message", "status", "text"),
+    [
+        (250, "2.0.0 Ok: queued as X", "2.0.0", "2.0.0 Ok: queued as X"),
+        (550, "5.1.1 <a@b>: user unknown", "5.1.1", "5.1.1 <a@b>: user unknown"),
+        (550, "user unknown", "5.0.0", "user unknown"),
+        (451, "4.7.1 greylisted,\n  try again", "4.7.1", "4.7.1 greylisted, try again"),
+        # An enhanced code of another class than the reply is ignored (RFC 3463 requires them to match).
+        (550, "2.0.0 odd", "5.0.0", "2.0.0 odd"),
+        (421, "4.4.20 valid three-part code", "4.4.20", "4.4.20 valid three-part code"),
+        (421, "4.4.2000 detail too long", "4.0.0", "4.4.2000 detail too long"),
+    ],
+)
+def test_peer_reply_status(code, message, status, text):
+    reply = peer_reply(code, message, "mx.there.test[127.0.5.2]", "RCPT TO")
+    assert reply.status == status
+    assert reply.text == text
+    assert reply.describe() == f"mx.there.test[127.0.5.2] said: {code} {text} (in reply to RCPT TO)"
+
+
+@given(st.integers(min_value=200, max_value=599), st.text(max_size=2000))
+def test_peer_reply_class_follows_code(code, message):
+    reply = peer_reply(code, message, "host", "DATA")
+    assert reply.status[0] == str(code)[0]
+    assert reply.delivered == (code < 300)
+    assert reply.permanent == (code >= 500)
+    assert "\n" not in reply.describe()
+    assert len(reply.text) <= 500
+
+
+def test_local_failure_is_not_a_peer_reply():
+    reply = local_failure("4.4.1", "connection to x failed")
+    assert reply.code == 0
+    assert not reply.permanent
+    assert reply.describe() == "connection to x failed"
+    assert local_failure("5.1.2", "no such domain").permanent
+
+
+def test_backoff_doubles_to_the_cap():
+    policy = RetryPolicy(initial=300, maximum=4000)
+    delays = [policy.delay(attempt).total_seconds() for attempt in range(1, 8)]
+    assert delays == [300, 600, 1200, 2400, 4000, 4000, 4000]
+
+
+def test_count_received_only_in_header():
+    message = (
+        b"Received: from a\r\n\tby b; Mon, 1 Jan 2026 00:00:00 +0000\r\n"
+        b"RECEIVED: from c by d; Mon, 1 Jan 2026 00:00:00 +0000\r\n"
+        b"Subject: x\r\n\r\nReceived: in the body does not count\r\n"
+    )
+    assert count_received(message) == 2
+
+
+def test_original_headers_cut_at_line():
+    long = b"".join(b"X-Filler-%05d: %s\r\n" % (i, b"y" * 60) for i in range(2000))
+    headers = original_headers(long + b"\r\nbody\r\n")
+    assert len(headers) <= MAX_RETURNED_HEADERS
+    assert headers.endswith(b"\r\n")
+    assert b"body" not in headers
+
+
+def test_dsn_structure():
+    original = "From: a@here.test\r\nSubject: Grüße\r\n\r\nbody text\r\n".encode()
+    data = build_dsn(
+        action="failed",
+        reporting_mta="mx.here.test",
+        envelope_sender="a@here.test",
+        queue_id="ABC123",
+        arrival=NOW - dt.timedelta(hours=1),
+        original=original,
+        recipients=[
+            RecipientStatus("b@there.test", "5.1.1", "550 5.1.1 unknown\r\nuser", "mx.there.test", smtp_reply=True),
+            RecipientStatus("c@nowhere.test", "5.1.2", "domain nowhere.test does not exist"),
+        ],
+        now=NOW,
+    )
+    assert b"\r\n" in data
+    assert b"\n" not in data.replace(b"\r\n", b"")
+    message = email.message_from_bytes(data, policy=email.policy.default)
+    assert message["Return-Path"] == "<>"
+    assert message["To"].addresses[0].addr_spec == "a@here.test"
+    assert message.get_content_type() == "multipart/report"
+    parts = message.get_payload()
+    assert [p.get_content_type() for p in parts] == ["text/plain", "message/delivery-status", "text/rfc822-headers"]
+    blocks = parts[1].get_payload()
+    assert blocks[0]["Reporting-MTA"] == "dns; mx.here.test"
+    assert blocks[1]["Diagnostic-Code"] == "smtp; 550 5.1.1 unknown user"
+    assert blocks[1]["Remote-MTA"] == "dns; mx.there.test"
+    assert blocks[2]["Diagnostic-Code"] == "x-local; domain nowhere.test does not exist"
+    assert "Remote-MTA" not in blocks[2]
+    assert "body text" not in message.as_string()
+    assert parts[2]["Content-Transfer-Encoding"] == "8bit"
+
+
+def test_dsn_delayed_has_retry_until():
+    data = build_dsn(
+        action="delayed",
+        reporting_mta="mx.here.test",
+        envelope_sender="a@here.test",
+        queue_id="ABC123",
+        arrival=NOW,
+        original=b"Subject: x\r\n\r\n.\r\n",
+        recipients=[RecipientStatus("b@there.test", "4.4.1", "connection refused")],
+        now=NOW,
+        will_retry_until=NOW + dt.timedelta(days=5),
+    )
+    message = email.message_from_bytes(data, policy=email.policy.default)
+    assert message["Subject"] == "Delayed Mail (still being retried)"
+    block = message.get_payload()[1].get_payload()[1]
+    assert block["Action"] == "delayed"
+    assert block["Will-Retry-Until"] == "Sat, 10 Jan 2026 12:00:00 +0000"
