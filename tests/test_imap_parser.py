@@ -44,6 +44,12 @@ GOLDEN: list[tuple[bytes, c.Command]] = [
     (b"t LOGIN alice secret", c.Login("t", "alice", "secret")),
     (b't LOGIN "alice@here.test" "p\\"w\\\\d"', c.Login("t", "alice@here.test", 'p"w\\d')),
     (b"t LOGIN {5}\r\nalice {3+}\r\nx y", c.Login("t", "alice", "x y")),
+    # imaplib sends UTF-8 unquoted; atoms are 7-bit in RFC 3501, but this is accepted.
+    (b"t LOGIN j\xc3\xb6rg p\xc3\xa4ss", c.Login("t", "j\u00f6rg", "p\u00e4ss")),
+    (
+        b"t UID SEARCH CHARSET UTF-8 BODY Gr\xc3\xbc\xc3\x9fe",
+        c.Search("t", c.SearchText("Gr\u00fc\u00dfe"), charset="UTF-8", uid=True),
+    ),
     (b"t AUTHENTICATE PLAIN", c.Authenticate("t", "PLAIN")),
     (b"t AUTHENTICATE plain AGFsaWNlAHNlY3JldA==", c.Authenticate("t", "PLAIN", b"\x00alice\x00secret")),
     (b"t AUTHENTICATE PLAIN =", c.Authenticate("t", "PLAIN", b"")),
@@ -279,7 +285,7 @@ def test_golden_one_stream_with_bare_lf() -> None:
         (b"t SELECT", "space"),
         (b't SELECT "unterminated', "unterminated"),
         (b"t SELECT &Jjo", "mailbox name"),
-        (b"t SELECT caf\xc3\xa9", "position"),
+        (b"t SELECT caf\xc3\xa9", "8-bit"),
         (b"t SELECT INBOX (QRESYNC)", "parameter"),
         (b"t FETCH 0 FLAGS", "must be 1"),
         (b"t FETCH 1: FLAGS", "sequence set"),

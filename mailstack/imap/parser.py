@@ -422,7 +422,10 @@ def _strip_eol(line: bytes) -> bytes:
 
 _ATOM_SPECIALS = frozenset(b'(){ %*"\\]') | frozenset(range(0x00, 0x20)) | {0x7F}
 _ATOM_CHARS = frozenset(range(0x01, 0x80)) - _ATOM_SPECIALS
-_ASTRING_CHARS = _ATOM_CHARS | {ord("]")}
+# RFC 3501 atoms are 7-bit, but clients such as Python's imaplib send UTF-8
+# search strings and passwords unquoted, so an astring also accepts 8-bit
+# bytes. Mailbox names still reject them when decoding modified UTF-7.
+_ASTRING_CHARS = _ATOM_CHARS | {ord("]")} | frozenset(range(0x80, 0x100))
 _LIST_CHARS = _ASTRING_CHARS | {ord("%"), ord("*")}
 _SEQUENCE_CHARS = frozenset(b"0123456789:,*")
 _FETCH_NAME_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.")
@@ -461,7 +464,8 @@ class _Reader:
 
     def end(self) -> None:
         if self.pos < len(self.data):
-            raise self.error("unexpected characters at position %d" % self.pos)
+            excerpt = self.data[self.pos : self.pos + 20].decode("ascii", "backslashreplace")
+            raise self.error("unexpected characters at position %d: %s" % (self.pos, excerpt))
 
     def sp(self) -> None:
         if self.peek() != 0x20:
