@@ -1,6 +1,12 @@
-"""The store's message operations that the IMAP server uses, on a real SQLite file."""
+"""The store's message operations that the IMAP server uses, on SQLite and on PostgreSQL.
+
+The PostgreSQL runs use a throwaway server from ``postgres_server.py`` and are
+skipped when its binaries are not installed.
+"""
 
 from __future__ import annotations
+
+import itertools
 
 import pytest
 from sqlalchemy import select
@@ -9,12 +15,30 @@ from mailstack.store import Store
 from mailstack.store.messages import FlagMode, uid_clauses, uid_ranges
 from mailstack.store.models import Delivery, DeliveryState, Flag, MessageContent
 
+from postgres_server import PostgresServer, find_bin
+
 MESSAGE = b"From: a@here.test\r\nSubject: %d\r\n\r\nbody %d\r\n"
+POSTGRES_BIN = find_bin()
+_database_names = itertools.count()
 
 
-@pytest.fixture
-async def store(tmp_path):
-    opened = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'mail.db'}")
+@pytest.fixture(scope="module")
+def postgres():
+    if POSTGRES_BIN is None:
+        pytest.skip("PostgreSQL server binaries not installed (Debian package postgresql)")
+    server = PostgresServer(POSTGRES_BIN)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def store(request, tmp_path):
+    if request.param == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'mail.db'}"
+    else:
+        url = request.getfixturevalue("postgres").create_database(f"imap_{next(_database_names)}")
+    opened = await Store.open(url)
     await opened.add_domain("here.test")
     yield opened
     await opened.close()
