@@ -41,7 +41,9 @@ __all__ = [
     "CommandFailed",
     "ContactAdmin",
     "Corruption",
+    "Expired",
     "ExpungeIssued",
+    "HasChildren",
     "ImapError",
     "InUse",
     "Limit",
@@ -71,6 +73,7 @@ __all__ = [
     "string",
     "tagged",
     "untagged",
+    "untagged_status",
 ]
 
 NIL = b"NIL"
@@ -298,6 +301,18 @@ class Bye(ImapError):
 
 class ClientBug(BadCommand):
     code = b"CLIENTBUG"
+
+
+class Expired(CommandFailed):
+    """NO [EXPIRED]: the credentials are valid but have expired."""
+
+    code = b"EXPIRED"
+
+
+class HasChildren(CommandFailed):
+    """NO [HASCHILDREN]: the mailbox has child mailboxes (a response code of IMAP4rev2, RFC 9051)."""
+
+    code = b"HASCHILDREN"
 
 
 class Nonexistent(CommandFailed):
