@@ -28,7 +28,7 @@ import ipaddress
 import logging
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -187,7 +187,7 @@ class Responder:
         self,
         directory: Directory,
         *,
-        keys: list[KeyInfo] = (),  # type: ignore[assignment]
+        keys: Iterable[KeyInfo] = (),
         max_udp_payload: int = 4096,
         cache_size: int = 100_000,
         axfr_allow: tuple[str, ...] = (),
@@ -209,7 +209,7 @@ class Responder:
         self.directory = directory
         self.cache.clear()
 
-    def set_keys(self, keys: list[KeyInfo]) -> None:
+    def set_keys(self, keys: Iterable[KeyInfo]) -> None:
         keyring = {}
         for key in keys:
             name = dns.name.from_text(key.name)
