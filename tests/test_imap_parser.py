@@ -672,3 +672,134 @@ def test_fuzz_seeds_produce_events() -> None:
     # really reaches literals, continuations and the grammar.
     for seed in SEEDS[:6]:
         assert fuzz_parser(b"\x10" + seed) >= 1
+
+
+# --- round trips of search programs and FETCH attributes ------------------------------------
+
+_FLAG_WORDS = {
+    ("\\Answered", True): "ANSWERED",
+    ("\\Deleted", True): "DELETED",
+    ("\\Draft", True): "DRAFT",
+    ("\\Flagged", True): "FLAGGED",
+    ("\\Recent", True): "RECENT",
+    ("\\Seen", True): "SEEN",
+    ("\\Answered", False): "UNANSWERED",
+    ("\\Deleted", False): "UNDELETED",
+    ("\\Draft", False): "UNDRAFT",
+    ("\\Flagged", False): "UNFLAGGED",
+    ("\\Seen", False): "UNSEEN",
+    ("\\Recent", False): "OLD",
+}
+_MONTH_NAMES = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
+
+
+def search_wire(key: c.SearchKey) -> bytes:
+    """Write a search key the way a client would (test-side encoder)."""
+    if isinstance(key, c.SearchAll):
+        return b"ALL"
+    if isinstance(key, c.SearchAnd):
+        return b"(" + b" ".join(search_wire(inner) for inner in key.keys) + b")"
+    if isinstance(key, c.SearchOr):
+        return b"OR " + search_wire(key.left) + b" " + search_wire(key.right)
+    if isinstance(key, c.SearchNot):
+        return b"NOT " + search_wire(key.key)
+    if isinstance(key, c.SearchFlag):
+        word = _FLAG_WORDS.get((key.flag, key.present))
+        if word is not None:
+            return word.encode()
+        return (b"KEYWORD " if key.present else b"UNKEYWORD ") + key.flag.encode()
+    if isinstance(key, c.SearchDate):
+        prefix = b"SENT" if key.field is c.DateField.SENT else b""
+        date = "%d-%s-%04d" % (key.date.day, _MONTH_NAMES[key.date.month - 1], key.date.year)
+        return prefix + key.relation.value.encode() + b" " + date.encode()
+    if isinstance(key, c.SearchSize):
+        return key.relation.value.encode() + b" %d" % key.size
+    if isinstance(key, c.SearchHeader):
+        if key.name in ("BCC", "CC", "FROM", "SUBJECT", "TO"):
+            return key.name.encode() + b" " + _quote(key.value)
+        return b"HEADER " + key.name.encode() + b" " + _quote(key.value)
+    if isinstance(key, c.SearchText):
+        return (b"TEXT " if key.include_headers else b"BODY ") + _quote(key.value)
+    if isinstance(key, c.SearchSequenceSet):
+        return (b"UID " if key.uid else b"") + str(key.sequence_set).encode()
+    if isinstance(key, c.SearchModSeq):
+        return b"MODSEQ %d" % key.modseq
+    raise AssertionError(key)
+
+
+_search_leaves = st.one_of(
+    st.just(c.SearchAll()),
+    st.sampled_from(sorted(_FLAG_WORDS)).map(lambda pair: c.SearchFlag(*pair)),
+    st.builds(c.SearchFlag, st.from_regex(r"\$?[A-Za-z][A-Za-z0-9_-]{0,8}", fullmatch=True), st.booleans()),
+    st.builds(c.SearchDate, st.sampled_from(list(c.DateField)), st.sampled_from(list(c.DateRelation)), st.dates()),
+    st.builds(c.SearchSize, st.sampled_from(list(c.SizeRelation)), st.integers(0, 4294967295)),
+    st.builds(c.SearchHeader, st.sampled_from(["FROM", "TO", "CC", "BCC", "SUBJECT", "X-SPAM", "LIST-ID"]), _astring_text),
+    st.builds(c.SearchText, _astring_text, st.booleans()),
+    st.builds(c.SearchSequenceSet, st.lists(st.tuples(_range_ends, _range_ends), min_size=1, max_size=3).map(lambda r: SequenceSet(tuple(r))), st.booleans()),
+    st.builds(c.SearchModSeq, st.integers(0, 2**63 - 1)),
+)
+_search_keys = st.recursive(
+    _search_leaves,
+    lambda children: st.one_of(
+        st.lists(children, min_size=2, max_size=3).map(lambda keys: c.SearchAnd(tuple(keys))),
+        st.builds(c.SearchOr, children, children),
+        st.builds(c.SearchNot, children),
+    ),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(key=_search_keys, uid=st.booleans())
+def test_search_program_round_trip(key: c.SearchKey, uid: bool) -> None:
+    wire = b"t " + (b"UID " if uid else b"") + b"SEARCH CHARSET UTF-8 "
+    wire += search_wire(key)[1:-1] if isinstance(key, c.SearchAnd) else search_wire(key)
+    parser = Parser(max_nesting=64)
+    parser.feed(wire + b"\r\n")
+    assert run(parser) == [c.Search("t", key, "UTF-8", uid)]
+
+
+def fetch_wire(attribute: c.FetchAttribute) -> bytes:
+    if attribute.section is None:
+        return attribute.item.value.encode()
+    name = b"BODY.PEEK[" if attribute.peek else b"BODY["
+    wire = name + str(attribute.section).encode() + b"]"
+    if attribute.partial is not None:
+        wire += b"<%d.%d>" % attribute.partial
+    return wire
+
+
+_field_names = st.lists(st.from_regex(r"[A-Z][A-Z0-9-]{0,10}", fullmatch=True), min_size=1, max_size=3)
+
+
+@st.composite
+def _sections(draw: st.DrawFn) -> c.Section:
+    part = tuple(draw(st.lists(st.integers(1, 30), max_size=3)))
+    choices = [None, c.SectionSpecifier.HEADER, c.SectionSpecifier.HEADER_FIELDS, c.SectionSpecifier.HEADER_FIELDS_NOT, c.SectionSpecifier.TEXT]
+    if part:
+        choices.append(c.SectionSpecifier.MIME)
+    specifier = draw(st.sampled_from(choices))
+    fields: tuple[str, ...] = ()
+    if specifier in (c.SectionSpecifier.HEADER_FIELDS, c.SectionSpecifier.HEADER_FIELDS_NOT):
+        fields = tuple(draw(_field_names))
+    return c.Section(part, specifier, fields)
+
+
+_fetch_attributes = st.one_of(
+    st.sampled_from([item for item in c.FetchItem]).map(c.FetchAttribute),
+    st.builds(
+        c.FetchAttribute,
+        st.just(c.FetchItem.BODY),
+        _sections(),
+        st.booleans(),
+        st.one_of(st.none(), st.tuples(st.integers(0, 4294967295), st.integers(1, 4294967295))),
+    ),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(attributes=st.lists(_fetch_attributes, min_size=1, max_size=5), uid=st.booleans())
+def test_fetch_attributes_round_trip(attributes: list[c.FetchAttribute], uid: bool) -> None:
+    wire = b"t " + (b"UID " if uid else b"") + b"FETCH 1:* (" + b" ".join(fetch_wire(a) for a in attributes) + b")"
+    command = parse_command(wire)
+    assert command == c.Fetch("t", S("1:*"), tuple(attributes), uid)
