@@ -490,6 +490,16 @@ def test_line_too_long_with_newline() -> None:
     assert run(parser) == [c.Noop("u")]
 
 
+def test_line_too_long_skips_its_non_synchronizing_literal() -> None:
+    parser = Parser(max_line_length=100)
+    parser.feed(b"t APPEND " + b"x" * 100 + b" {6+}\r\nu NOOP\r\nv NOOP\r\n")
+    with pytest.raises(LineTooLong) as info:
+        parser.next_event()
+    assert info.value.tag == "t"
+    # The six literal bytes look like a command but belong to the rejected one.
+    assert run(parser) == [c.Noop("v")]
+
+
 def test_text_across_literals_counts_toward_limit() -> None:
     parser = Parser(max_line_length=64)
     parser.feed(b"t LOGIN {1}\r\n")

@@ -385,11 +385,15 @@ class Parser:
             self._tag = _extract_tag(body)
             self._command = _extract_command(body)
         self._text_size += len(body) + 2
+        marker = _LITERAL_MARKER.search(body)
         if self._text_size > self.max_line_length:
             tag = self._tag
             self._reset_command()
+            if marker is not None and marker.group(2):
+                # The client sends a LITERAL+ literal without waiting: skip it.
+                self._remaining = int(marker.group(1))
+                self._state = _SKIP_LITERAL
             raise LineTooLong("command line too long (maximum %d bytes)" % self.max_line_length, tag=tag)
-        marker = _LITERAL_MARKER.search(body)
         if marker is not None:
             self._parts.append(body + b"\r\n")
             self._pending = LiteralRequest(
