@@ -17,8 +17,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from mailstack import config as config_module
+from mailstack.cli import main
 from mailstack.settings import MailServerConfig
 
 yaml = pytest.importorskip("yaml", reason="PyYAML is in the test extra: pip install -e '.[test]'")
@@ -126,14 +128,15 @@ def test_configs_exist_and_pass_check(services: dict) -> None:
             continue
         path = _config_path(service)
         assert path.is_file(), f"{name}: {path} is missing"
-        command = [sys.executable, "-m", "mailstack", "config", "check", str(path)]
+        arguments = ["config", "check", str(path)]
         if name == "bluebook":
-            command.insert(-1, "--bluebook")
-        environment = {k: v for k, v in os.environ.items() if not k.startswith("MAILSTACK_")}
+            arguments.insert(2, "--bluebook")
+        # The command runs in-process; only the service's own MAILSTACK_* variables are set.
+        environment: dict[str, str | None] = {k: None for k in os.environ if k.startswith("MAILSTACK_")}
         environment.update(_environment(service))
-        result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=60)
-        assert result.returncode == 0, f"{name}: {result.stderr}"
-        assert "valid" in result.stdout
+        result = CliRunner().invoke(main, arguments, env=environment)
+        assert result.exit_code == 0, f"{name}: {result.output}"
+        assert f"# {path}: valid" in result.output
         checked.add(path.name)
     assert checked == {"bluebook.toml", "here.toml", "there.toml"}
 
