@@ -22,7 +22,8 @@ from mailstack import tls
 from mailstack.imap.server import IMAPServer
 from mailstack.settings import IMAPSection
 from mailstack.store import Store
-from mailstack.store.models import Delivery
+from mailstack.store.messages import FlagMode
+from mailstack.store.models import Delivery, Flag
 
 HOST = "127.0.6.1"
 PASSWORD = "correct horse battery"
@@ -840,38 +841,37 @@ async def test_idle_sees_delivery_quickly(harness):
 async def test_idle_sees_other_process_change(harness, tmp_path):
     await fill(harness, 1)
     loop = asyncio.get_running_loop()
-    ready = asyncio.Event()
+    sessions = 3
+    ready = [asyncio.Event() for _ in range(sessions)]
     arrived: list = []
 
-    def idle_client():
+    def idle_client(index: int):
         client = harness.login()
         client.select("INBOX")
         tag = client._new_tag()
         client.send(tag + b" IDLE\r\n")
         client.readline()
-        loop.call_soon_threadsafe(ready.set)
+        loop.call_soon_threadsafe(ready[index].set)
         arrived.append((loop.time(), client.readline()))
         client.send(b"DONE\r\n")
         client.readline()
         client.logout()
 
-    task = asyncio.ensure_future(run(idle_client))
-    await asyncio.wait_for(ready.wait(), 10)
+    tasks = [asyncio.ensure_future(run(idle_client, index)) for index in range(sessions)]
+    await asyncio.wait_for(asyncio.gather(*(event.wait() for event in ready)), 10)
     # A second Store on the same file stands for another process: its commits call no listener here.
     other = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'mail.db'}")
     try:
         sent_at = loop.time()
         inbox = await other.get_mailbox(harness.account_id, "INBOX")
-        from mailstack.store.messages import FlagMode
-        from mailstack.store.models import Flag
-
         await other.store_flags(inbox.id, [1], FlagMode.ADD, int(Flag.SEEN))
-        await asyncio.wait_for(task, 10)
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
     finally:
         await other.close()
-    arrival, line = arrived[0]
-    assert line.startswith(b"* 1 FETCH (UID 1 FLAGS (\\Seen))")
-    assert arrival - sent_at < 1.0
+    assert len(arrived) == sessions
+    for arrival, line in arrived:
+        assert line.startswith(b"* 1 FETCH (UID 1 FLAGS (\\Seen))")
+        assert arrival - sent_at < 1.0
 
 
 # --- aioimaplib and curl -----------------------------------------------------------------------

@@ -82,7 +82,7 @@ class IMAPServer:
         self.store = store
         self.config = config
         self.ssl_context = ssl_context
-        self.hub = ChangeHub(store)
+        self.hub = ChangeHub(store, CHANGE_POLL_INTERVAL)
         self.throttle = LoginThrottle(
             limit=config.auth_failure_limit, window=config.auth_failure_window, delay=config.auth_failure_delay
         )
@@ -92,7 +92,6 @@ class IMAPServer:
         self.closing = False
         self._ids = itertools.count(1)
         self._prefix = secrets.token_hex(3)
-        self.poll_interval = CHANGE_POLL_INTERVAL
 
     async def prepare(self) -> None:
         """Compile the hot queries before the first client comes, so its first SELECT is not slower."""
@@ -438,23 +437,19 @@ class Connection:
         read = asyncio.ensure_future(self.read_continuation())
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.idle_timeout
+        if session.view is not None:
+            self.server.hub.start_idle(session.view.mailbox_id, session.changed, session.view.modseq)
         try:
             while not read.done():
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     raise ConnectionClosed("autologout")
-                timeout = min(self.server.poll_interval, remaining) if session.view is not None else remaining
                 waiter = asyncio.ensure_future(session.changed.wait())
-                done, _pending = await asyncio.wait({read, waiter}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                done, _pending = await asyncio.wait(
+                    {read, waiter}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                )
                 waiter.cancel()
-                if read in done or session.view is None:
-                    continue
-                if waiter not in done:
-                    # Nothing committed in this process: look for commits by other processes.
-                    highest = await session.store.highest_modseq(session.view.mailbox_id)
-                    if highest == session.view.modseq:
-                        continue
-                if await session.sync(allow_expunge=True):
+                if waiter in done and session.view is not None and await session.sync(allow_expunge=True):
                     await self.drain()
         except r.Bye as exc:
             read.cancel()
@@ -463,6 +458,8 @@ class Connection:
         except BaseException:
             read.cancel()
             raise
+        finally:
+            self.server.hub.stop_idle(session.changed)
         self.busy = True
         line = read.result()
         if not line.is_done:

@@ -79,14 +79,22 @@ class ClientInfo:
 
 
 class ChangeHub:
-    """Wakes the sessions that have a mailbox selected when the store commits a change to it.
+    """Wakes the sessions that have a mailbox selected when a change to it is committed.
 
-    It is one store listener for every session of the service, so a commit
-    costs one dictionary lookup per changed mailbox.
+    Commits in this process arrive through one store listener, so a commit
+    costs one dictionary lookup per changed mailbox. Commits by other
+    processes call no listener here. For them, while any session is in IDLE,
+    one task reads the HIGHESTMODSEQ of every mailbox in IDLE each
+    ``poll_interval`` seconds, in one query however many sessions wait.
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, poll_interval: float = 0.5) -> None:
+        self.store = store
+        self.poll_interval = poll_interval
         self._waiters: dict[int, set[asyncio.Event]] = {}
+        self._idling: dict[asyncio.Event, int] = {}
+        self._known: dict[int, int] = {}
+        self._poller: asyncio.Task | None = None
         self._remove = store.add_mailbox_listener(self._changed)
 
     def _changed(self, mailbox_ids: frozenset[int]) -> None:
@@ -103,9 +111,47 @@ class ChangeHub:
             waiters.discard(event)
             if not waiters:
                 del self._waiters[mailbox_id]
+        self.stop_idle(event)
+
+    def start_idle(self, mailbox_id: int, event: asyncio.Event, modseq: int) -> None:
+        """Poll the mailbox for changes by other processes while the session is in IDLE."""
+        self._idling[event] = mailbox_id
+        # The lowest MODSEQ any idle session has seen, so the poll wakes every session behind.
+        self._known[mailbox_id] = min(self._known.get(mailbox_id, modseq), modseq)
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.get_running_loop().create_task(self._poll())
+
+    def stop_idle(self, event: asyncio.Event) -> None:
+        mailbox_id = self._idling.pop(event, None)
+        if mailbox_id is not None and mailbox_id not in self._idling.values():
+            self._known.pop(mailbox_id, None)
+
+    async def _poll(self) -> None:
+        while self._idling:
+            await asyncio.sleep(self.poll_interval)
+            mailbox_ids = set(self._idling.values())
+            if not mailbox_ids:
+                break
+            try:
+                current = await self.store.highest_modseqs(mailbox_ids)
+            except Exception:
+                log.exception("polling mailboxes %s for changes failed; retrying", sorted(mailbox_ids)[:20])
+                continue
+            for mailbox_id in mailbox_ids:
+                modseq = current.get(mailbox_id)
+                known = self._known.get(mailbox_id)
+                if known is None or modseq == known:
+                    continue
+                # A deleted mailbox (no MODSEQ any more) wakes its sessions too.
+                if modseq is not None:
+                    self._known[mailbox_id] = modseq
+                for event in self._waiters.get(mailbox_id, ()):
+                    event.set()
 
     def close(self) -> None:
         self._remove()
+        if self._poller is not None:
+            self._poller.cancel()
 
 
 def mailbox_pattern(reference: str, pattern: str) -> re.Pattern[str]:

@@ -309,6 +309,14 @@ class MessagesMixin(StoreBase):
         self.notify_mailboxes([mailbox_id])
         return Appended(mailbox_id, uid, uidvalidity)
 
+    async def highest_modseqs(self, mailbox_ids: Iterable[int]) -> dict[int, int]:
+        """Return the HIGHESTMODSEQ of each mailbox that exists, in one query."""
+        async with self.engine.connect() as connection, connection.begin():
+            rows = await connection.execute(
+                select(Mailbox.id, Mailbox.highestmodseq).where(Mailbox.id.in_(list(mailbox_ids)))
+            )
+            return {mailbox_id: modseq for mailbox_id, modseq in rows}
+
     # Flags -------------------------------------------------------------------
 
     async def store_flags(
