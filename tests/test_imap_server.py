@@ -443,6 +443,7 @@ async def test_create_rename_delete_subscribe(harness):
         results = {}
         results["create"] = client.create("Projects/2026")
         results["exists"] = client.create("Projects/2026")
+        results["percent"] = client.list('""', "%")[1]
         results["children"] = client.list('""', "Projects/*")[1]
         results["parent"] = client.list('""', "Projects")[1]
         results["rename"] = client.rename("Projects/2026", "Projects/Done")
@@ -453,6 +454,8 @@ async def test_create_rename_delete_subscribe(harness):
         results["delete_missing"] = client.delete("Nowhere")
         results["delete_inbox"] = client.delete("INBOX")
         results["delete_trash"] = client.delete("Trash")
+        results["rename_deep"] = client.rename("Projects", "Archive/2025/Projects")
+        results["deep"] = client.list('""', "Archive/*")[1]
         results["unicode"] = client.create("&AMQ-rger")
         results["unicode_list"] = client.list('""', "&AMQ-rger")[1]
         client.logout()
@@ -468,6 +471,13 @@ async def test_create_rename_delete_subscribe(harness):
     assert results["lsub"] == [None]
     assert results["delete_parent"][0] == "NO"
     assert results["delete"][0] == "OK"
+    assert b'(\\HasChildren) "/" Projects' in results["percent"]
+    assert not any(b"Projects/" in line for line in results["percent"])
+    assert results["rename_deep"][0] == "OK"
+    assert results["deep"] == [
+        b'(\\HasChildren) "/" Archive/2025',
+        b'(\\HasNoChildren) "/" Archive/2025/Projects',
+    ]
     assert b"[NONEXISTENT]" in results["delete_missing"][1][0]
     assert b"[CANNOT]" in results["delete_inbox"][1][0]
     assert b"[CANNOT]" in results["delete_trash"][1][0]

@@ -423,6 +423,18 @@ class Session:
             raise r.Cannot("a mailbox name must not contain *, % or control characters")
         return name
 
+    async def _create_parents(self, name: str) -> None:
+        """Create the missing parents of ``name``, so that the hierarchy has no holes (RFC 3501 CREATE)."""
+        assert self.account_id is not None
+        levels = name.split(DELIMITER)
+        for depth in range(1, len(levels)):
+            parent = DELIMITER.join(levels[:depth])
+            if await self.store.get_mailbox(self.account_id, parent) is None:
+                try:
+                    await self.store.create_mailbox(self.account_id, parent)
+                except AlreadyExists:
+                    pass
+
     async def do_create(self, command: c.Create) -> bytes:
         assert self.account_id is not None
         name = self._check_new_name(command.mailbox)
@@ -433,15 +445,7 @@ class Session:
             if len(command.special_use) > 1 or command.special_use[0] not in SPECIAL_USE_ATTRIBUTES:
                 raise r.CommandFailed("unsupported special-use attribute", code=b"USEATTR")
             special_use = command.special_use[0]
-        # Create missing parents too, so that the hierarchy has no holes (RFC 3501 CREATE).
-        levels = name.split(DELIMITER)
-        for depth in range(1, len(levels)):
-            parent = DELIMITER.join(levels[:depth])
-            if await self.store.get_mailbox(self.account_id, parent) is None:
-                try:
-                    await self.store.create_mailbox(self.account_id, parent)
-                except AlreadyExists:
-                    pass
+        await self._create_parents(name)
         try:
             await self.store.create_mailbox(self.account_id, name, special_use=special_use)
         except AlreadyExists:
@@ -478,6 +482,7 @@ class Session:
             raise r.Cannot("the Outbox cannot be renamed: submission stores queued mail there")
         if new_name.startswith(source.name + DELIMITER):
             raise r.Cannot("a mailbox cannot be renamed into its own hierarchy")
+        await self._create_parents(new_name)
         if source.name == INBOX:
             # RFC 3501: renaming INBOX moves its messages into the new mailbox and leaves INBOX empty.
             target = await self.store.create_mailbox(self.account_id, new_name)
