@@ -1035,3 +1035,36 @@ async def test_shutdown_lets_running_command_finish(harness):
     lines, bye = await asyncio.wait_for(task, 10)
     assert lines == [b"* STATUS INBOX (MESSAGES 1)", b"a OK STATUS completed"]
     assert bye.startswith(b"* BYE")
+
+
+async def test_hostile_input_gets_bad_not_crash(harness):
+    await fill(harness, 1)
+    hostile = [
+        b"a1 FETCH 1 " + b"(" * 500 + b"FLAGS" + b")" * 500,
+        b"a2 SEARCH " + b"NOT " * 200 + b"ALL",
+        b"a3 SELECT \x00INBOX",
+        b"a4 LOGIN \xff\xfe \"x\"",
+        b"a5 FETCH 1 (BODY[1.2.3.4.5.6.7.8.9.HEADER.FIELDS ()])",
+        b"a6 STORE 1 +FLAGS (\\Bogus",
+        b"a7 APPEND INBOX {99999999999999999999}",
+        b"a8 UID FETCH 0:* FLAGS",
+        b"\xc3\xa9 NOOP",
+    ]
+
+    def check():
+        client = raw_connect(harness, login=True)
+        client.send(b"s SELECT INBOX\r\n")
+        client.until_tagged(b"s")
+        replies = []
+        for line in hostile:
+            client.send(line + b"\r\n")
+            replies.append(client.line())
+            while replies[-1].startswith(b"* ") and not replies[-1].startswith(b"* BAD"):
+                replies[-1] = client.line()
+        client.send(b"z NOOP\r\n")
+        return replies, client.until_tagged(b"z")
+
+    replies, after = await run(check)
+    for line, reply in zip(hostile, replies):
+        assert b" BAD " in reply or b" NO " in reply, (line, reply)
+    assert after[-1] == b"z OK NOOP completed"
