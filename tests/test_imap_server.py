@@ -449,6 +449,10 @@ async def test_create_rename_delete_subscribe(harness):
         results["rename"] = client.rename("Projects/2026", "Projects/Done")
         results["unsubscribe"] = client.unsubscribe("Projects/Done")
         results["lsub"] = client.lsub('""', "Projects/*")[1]
+        results["subscribe"] = client.subscribe("Projects/Done")
+        results["lsub_again"] = client.lsub('""', "Projects/*")[1]
+        results["subscribe_missing"] = client.subscribe("Nowhere")
+        client.unsubscribe("Projects/Done")
         results["delete_parent"] = client.delete("Projects")
         results["delete"] = client.delete("Projects/Done")
         results["delete_missing"] = client.delete("Nowhere")
@@ -469,6 +473,9 @@ async def test_create_rename_delete_subscribe(harness):
     assert results["parent"] == [b'(\\HasChildren) "/" Projects']
     assert results["rename"][0] == "OK"
     assert results["lsub"] == [None]
+    assert results["subscribe"][0] == "OK"
+    assert results["lsub_again"] == [b'() "/" Projects/Done']
+    assert b"[NONEXISTENT]" in results["subscribe_missing"][1][0]
     assert results["delete_parent"][0] == "NO"
     assert results["delete"][0] == "OK"
     assert b'(\\HasChildren) "/" Projects' in results["percent"]
