@@ -448,6 +448,21 @@ def test_rejected_command_long_tail_is_dropped_quietly() -> None:
     assert run(parser) == [c.Noop("b")]
 
 
+def test_literal_of_unknown_command_rejected_early() -> None:
+    parser = Parser()
+    parser.feed(b"a FROB {100000000}\r\nb XYZ {5+}\r\nhello\r\n+ NOOP {3}\r\nc NOOP\r\n")
+    with pytest.raises(UnknownCommand) as info:
+        parser.next_event()
+    assert info.value.render() == b"a BAD unknown command FROB\r\n"
+    with pytest.raises(UnknownCommand) as info:
+        parser.next_event()
+    assert info.value.tag == "b"
+    with pytest.raises(ParseError) as error:
+        parser.next_event()
+    assert error.value.tag is None
+    assert run(parser) == [c.Noop("c")]
+
+
 def test_decision_without_request_raises() -> None:
     parser = Parser()
     with pytest.raises(RuntimeError):

@@ -349,6 +349,19 @@ class Parser:
 
     # -- internals --
 
+    def _drop_command(self, marker: re.Match[bytes] | None) -> str | None:
+        """Forget the current command and return its tag.
+
+        A LITERAL+ literal announced by its last line is skipped, because the
+        client sends it without waiting for an answer.
+        """
+        tag = self._tag
+        self._reset_command()
+        if marker is not None and marker.group(2):
+            self._remaining = int(marker.group(1))
+            self._state = _SKIP_LITERAL
+        return tag
+
     def _reset_command(self) -> None:
         self._parts = []
         self._text_size = 0
@@ -387,13 +400,19 @@ class Parser:
         self._text_size += len(body) + 2
         marker = _LITERAL_MARKER.search(body)
         if self._text_size > self.max_line_length:
-            tag = self._tag
-            self._reset_command()
-            if marker is not None and marker.group(2):
-                # The client sends a LITERAL+ literal without waiting: skip it.
-                self._remaining = int(marker.group(1))
-                self._state = _SKIP_LITERAL
+            tag = self._drop_command(marker)
             raise LineTooLong("command line too long (maximum %d bytes)" % self.max_line_length, tag=tag)
+        if marker is not None and len(self._parts) == 0:
+            # Reject a literal of a command that cannot be valid before any
+            # byte of it is read, so garbage never costs a literal's memory.
+            if self._tag is None:
+                self._drop_command(marker)
+                raise ParseError("missing or invalid tag", tag=None)
+            if self._command not in _COMMANDS and self._command != "UID":
+                words = body.split(b" ", 2)
+                name = words[1][:32].decode("ascii", "backslashreplace") if len(words) > 1 else ""
+                tag = self._drop_command(marker)
+                raise UnknownCommand("unknown command %s" % name, tag=tag)
         if marker is not None:
             self._parts.append(body + b"\r\n")
             self._pending = LiteralRequest(
