@@ -8,7 +8,9 @@ import sys
 import textwrap
 
 import pytest
+from click.testing import CliRunner
 
+from mailstack.cli import main
 from mailstack.store import Store
 
 MESSAGE = b"From: alice@here.test\r\nTo: bob@there.test\r\nSubject: queued\r\n\r\nWaiting.\r\n"
@@ -41,12 +43,18 @@ async def queued(tmp_path):
 
 
 def mailstack(config, *args: str) -> subprocess.CompletedProcess:
+    """Run the installed command in a new process, as an operator would."""
     return subprocess.run(
         [sys.executable, "-m", "mailstack", *args, "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def invoke(config, *args: str):
+    """Run a command in this process with click's test runner, which is much faster."""
+    return CliRunner().invoke(main, [*args, "--config", str(config)], catch_exceptions=False)
 
 
 def test_queue_list_text_and_json(queued):
@@ -77,23 +85,23 @@ def test_queue_show_prints_headers(queued):
 
 def test_queue_hold_release_flush_delete(queued):
     config, queue_id = queued
-    held = mailstack(config, "queue", "hold", queue_id)
-    assert held.stdout.strip() == f"{queue_id}: 2 delivery(ies) held"
-    listed = json.loads(mailstack(config, "queue", "list", "--json").stdout)
+    held = invoke(config, "queue", "hold", queue_id)
+    assert held.output.strip() == f"{queue_id}: 2 delivery(ies) held"
+    listed = json.loads(invoke(config, "queue", "list", "--json").output)
     assert {r["state"] for r in listed[0]["recipients"]} == {"held"}
-    released = mailstack(config, "queue", "release", queue_id)
-    assert released.stdout.strip() == f"{queue_id}: 2 delivery(ies) released"
-    flushed = mailstack(config, "queue", "flush")
-    assert flushed.stdout.strip() == "2 delivery(ies) due now"
-    deleted = mailstack(config, "queue", "delete", queue_id, "--yes")
-    assert deleted.returncode == 0, deleted.stderr
-    assert "2 recipient(s) were still pending" in deleted.stdout
-    assert mailstack(config, "queue", "list").stdout.strip() == "Mail queue is empty"
+    released = invoke(config, "queue", "release", queue_id)
+    assert released.output.strip() == f"{queue_id}: 2 delivery(ies) released"
+    flushed = invoke(config, "queue", "flush")
+    assert flushed.output.strip() == "2 delivery(ies) due now"
+    deleted = invoke(config, "queue", "delete", queue_id, "--yes")
+    assert deleted.exit_code == 0, deleted.output
+    assert "2 recipient(s) were still pending" in deleted.output
+    assert invoke(config, "queue", "list").output.strip() == "Mail queue is empty"
 
 
 def test_queue_unknown_id_fails(queued):
     config, _ = queued
     for command in (["show", "NOSUCHID"], ["hold", "NOSUCHID"], ["flush", "NOSUCHID"], ["delete", "NOSUCHID", "--yes"]):
-        result = mailstack(config, "queue", *command)
-        assert result.returncode == 1, command
+        result = invoke(config, "queue", *command)
+        assert result.exit_code == 1, command
         assert "queue id NOSUCHID not found" in result.stderr
