@@ -203,6 +203,17 @@ class TransferSection:
     max_outbound_connections: int = option(20, "Concurrent outbound connections in total.", minimum=1)
     max_connections_per_domain: int = option(4, "Concurrent outbound connections per destination domain.", minimum=1)
 
+    def __post_init__(self) -> None:
+        for address in self.nameservers:
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                raise ValueError(f"nameservers: {address!r} is not an IP address") from None
+        if self.retry_max < self.retry_initial:
+            raise ValueError(
+                f"retry_max ({self.retry_max:g} s) must not be below retry_initial ({self.retry_initial:g} s)"
+            )
+
 
 @dataclass(frozen=True)
 class LogSection:

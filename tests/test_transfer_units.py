@@ -129,3 +129,21 @@ def test_dsn_delayed_has_retry_until():
     block = message.get_payload()[1].get_payload()[1]
     assert block["Action"] == "delayed"
     assert block["Will-Retry-Until"] == "Sat, 10 Jan 2026 12:00:00 +0000"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('nameservers = ["ns.example"]', "'ns.example' is not an IP address"),
+        ("retry_initial = 600\nretry_max = 300", "retry_max (300 s) must not be below retry_initial (600 s)"),
+        ('tls_policy = "sometimes"', "tls_policy"),
+    ],
+)
+def test_transfer_config_rejects(tmp_path, text, message):
+    from mailstack import config as config_module
+    from mailstack.settings import MailServerConfig
+
+    path = tmp_path / "bad.toml"
+    path.write_text(f"[transfer]\n{text}\n")
+    with pytest.raises(config_module.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config_module.load(MailServerConfig, path)
