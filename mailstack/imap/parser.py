@@ -33,13 +33,14 @@ Events returned by :meth:`Parser.next_event`:
   with all of its literals, has arrived and parsed;
 - :class:`LiteralRequest` when a line ends with a literal announcement
   ``{n}`` (synchronising) or ``{n+}`` (LITERAL+), before any byte of the
-  literal is read. The parser then waits for :meth:`Parser.accept_literal`
+  literal is read. A line without a valid tag or with an unknown command
+  name raises its error at once instead, so no literal is read for it. The parser then waits for :meth:`Parser.accept_literal`
   or :meth:`Parser.reject_literal`; until one is called, ``next_event``
   returns the same request again. After a rejected synchronising literal
   the client sends nothing more of that command. After a rejected
   non-synchronising literal the client sends the literal and the rest of
-  the command anyway, so the parser skips ``n`` bytes and the remaining
-  lines of the command, with any further ``{m+}`` literals in them, before
+  the command anyway. So the parser skips ``n`` bytes and the remaining
+  lines of the command (with any further ``{m+}`` literals in them) before
   it reads the next command. A connection may prefer to close instead when the
   announced size is absurd.
 - :class:`ContinuationLine` for the next line after
@@ -312,7 +313,7 @@ class Parser:
             line = self._take_line()
             if line is None:
                 if state == _SKIP_COMMAND and len(self._buffer) > self.max_line_length:
-                    # The rejected command was already answered: drop the rest quietly.
+                    # The rejected command already got its error reply, so drop the rest quietly.
                     self._state = state = _SKIP_LINE
                 if state == _SKIP_LINE or len(self._buffer) + self._text_size <= self.max_line_length:
                     if self._state == _SKIP_LINE:
@@ -353,7 +354,7 @@ class Parser:
         """Forget the current command and return its tag.
 
         A LITERAL+ literal announced by its last line is skipped, because the
-        client sends it without waiting for an answer.
+        client sends it without waiting for a continuation request.
         """
         tag = self._tag
         self._reset_command()
