@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -70,7 +71,7 @@ def test_port_in_use_is_reported(tmp_path: Path) -> None:
 
 def test_configs_pass_config_check(tmp_path: Path) -> None:
     world = plan.plan_world(tmp_path / "demo", ADDRESSES, 30000)
-    world_module.prepare_data_dir(world, fresh=False)
+    os.close(world_module.prepare_data_dir(world, fresh=False))
     document = world_module.load_secrets(world)
     world_module.issue_certificates(world)
     world_module.write_configs(world, document["tsig"])
@@ -103,7 +104,7 @@ def test_certificates_from_one_ca(tmp_path: Path) -> None:
     from cryptography import x509
 
     world = plan.plan_world(tmp_path / "demo", ADDRESSES, 30000)
-    world_module.prepare_data_dir(world, fresh=False)
+    os.close(world_module.prepare_data_dir(world, fresh=False))
     world_module.issue_certificates(world)
     ca = x509.load_pem_x509_certificate(world.ca_file.read_bytes())
     for server in world.servers:
@@ -116,13 +117,14 @@ def test_certificates_from_one_ca(tmp_path: Path) -> None:
 
 def test_secrets_survive_rerun(tmp_path: Path) -> None:
     world = plan.plan_world(tmp_path / "demo", ADDRESSES, 30000)
-    world_module.prepare_data_dir(world, fresh=False)
+    os.close(world_module.prepare_data_dir(world, fresh=False))
     first = world_module.load_secrets(world)
     assert set(first["accounts"]) == {"alice@here.test", "bob@there.test"}
     assert world.passwords_file.stat().st_mode & 0o077 == 0
-    world_module.prepare_data_dir(world, fresh=False)
+    os.close(world_module.prepare_data_dir(world, fresh=False))
     assert world_module.load_secrets(world) == first
-    world_module.prepare_data_dir(world, fresh=True)
+    os.close(world_module.prepare_data_dir(world, fresh=True))
+    assert not world.passwords_file.exists()
     assert world_module.load_secrets(world)["accounts"] != first["accounts"]
 
 
@@ -134,6 +136,20 @@ def test_fresh_refuses_foreign_folder(tmp_path: Path) -> None:
     with pytest.raises(world_module.WorldError, match="was not made by `mailstack demo`"):
         world_module.prepare_data_dir(world, fresh=False)
     assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_second_demo_same_folder_rejected(tmp_path: Path) -> None:
+    world = plan.plan_world(tmp_path / "demo", ADDRESSES, 30000)
+    held = world_module.prepare_data_dir(world, fresh=False)
+    try:
+        world_module.load_secrets(world)
+        with pytest.raises(world_module.WorldError, match="another `mailstack demo` is using"):
+            world_module.prepare_data_dir(world, fresh=True)
+        # The rejected --fresh deleted nothing.
+        assert world.passwords_file.exists()
+    finally:
+        os.close(held)
+    os.close(world_module.prepare_data_dir(world, fresh=False))
 
 
 def test_cli_rejects_public_address(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 import time
@@ -47,8 +48,17 @@ def _echo_now(text: str) -> None:
     sys.stdout.flush()
 
 
-async def _run(world: World, supervisor: Supervisor, *, fresh: bool, check: bool, timeout: float, stop: asyncio.Event) -> int:
-    world_module.prepare_data_dir(world, fresh)
+async def _run(
+    world: World,
+    supervisor: Supervisor,
+    *,
+    fresh: bool,
+    check: bool,
+    timeout: float,
+    stop: asyncio.Event,
+    locks: list[int],
+) -> int:
+    locks.append(world_module.prepare_data_dir(world, fresh))
     secrets_document = world_module.load_secrets(world)
     world_module.issue_certificates(world)
     world_module.write_configs(world, secrets_document["tsig"])
@@ -97,7 +107,11 @@ async def run_demo(world: World, *, fresh: bool, check: bool, timeout: float, si
     loop = asyncio.get_running_loop()
     supervisor = Supervisor(sink)
     stop = asyncio.Event()
-    work = asyncio.create_task(_run(world, supervisor, fresh=fresh, check=check, timeout=timeout, stop=stop))
+    # The data folder's lock, released only after every child has stopped.
+    locks: list[int] = []
+    work = asyncio.create_task(
+        _run(world, supervisor, fresh=fresh, check=check, timeout=timeout, stop=stop, locks=locks)
+    )
 
     def on_signal(signum: int) -> None:
         if stop.is_set():
@@ -125,6 +139,8 @@ async def run_demo(world: World, *, fresh: bool, check: bool, timeout: float, si
         with contextlib.suppress(FileNotFoundError):
             world.world_file.unlink()
         await supervisor.stop(world.shutdown_timeout + KILL_MARGIN)
+        for descriptor in locks:
+            os.close(descriptor)
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
         click.echo("mailstack demo: stopped", err=True)

@@ -84,7 +84,7 @@ def render(world: dict[str, Any]) -> str:
         ),
         "",
         "Thunderbird (import the CA first: Settings > Privacy & Security > Certificates >",
-        "Manage Certificates > Authorities > Import, trust it to identify websites and mail users):",
+        "Manage Certificates > Authorities > Import, and tick 'Trust this CA to identify websites'):",
     ]
     for server, account in ((here, alice), (there, bob)):
         lines.append(

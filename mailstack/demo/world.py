@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import fcntl
 import json
 import logging
 import os
@@ -42,26 +43,44 @@ class WorldError(Exception):
 # The data folder -------------------------------------------------------------------
 
 
-def prepare_data_dir(world: World, fresh: bool) -> None:
-    """Create the data folder; with ``fresh``, delete a previous demo folder first."""
+def prepare_data_dir(world: World, fresh: bool) -> int:
+    """Create and lock the data folder; with ``fresh``, empty a previous demo's folder first.
+
+    Return the descriptor that holds the lock: the folder stays locked against a
+    second demo until it is closed, at the latest when this process exits.
+    """
     data_dir = world.data_dir
     if data_dir.exists() and not data_dir.is_dir():
         raise WorldError(f"{data_dir} exists and is not a folder")
-    if fresh and data_dir.exists():
-        if not (data_dir / MARKER_FILE).exists() and any(data_dir.iterdir()):
-            raise WorldError(
-                f"--fresh: {data_dir} is not empty and was not made by `mailstack demo` "
-                f"(no {MARKER_FILE} file); remove it yourself or choose another --data folder"
-            )
-        shutil.rmtree(data_dir)
-        log.info("removed the previous demo data in %s", data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    if not (data_dir / MARKER_FILE).exists() and any(p.name != MARKER_FILE for p in data_dir.iterdir()):
+    marker = data_dir / MARKER_FILE
+    if data_dir.exists() and not marker.exists() and any(data_dir.iterdir()):
         raise WorldError(
-            f"{data_dir} is not empty and was not made by `mailstack demo`; choose another --data folder"
+            f"{data_dir} is not empty and was not made by `mailstack demo` (no {MARKER_FILE} file); "
+            "choose another --data folder"
         )
-    (data_dir / MARKER_FILE).write_text("This folder holds the data of `mailstack demo`.\n")
+    data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(data_dir, 0o700)
+
+    descriptor = os.open(marker, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise WorldError(f"another `mailstack demo` is using {data_dir}; stop it first, or choose another --data folder") from None
+    os.ftruncate(descriptor, 0)
+    os.write(descriptor, b"This folder holds the data of `mailstack demo`.\n")
+
+    if fresh:
+        # The marker stays: deleting it would release the lock to a second demo.
+        for entry in data_dir.iterdir():
+            if entry.name == MARKER_FILE:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        log.info("removed the previous demo data in %s", data_dir)
+    return descriptor
 
 
 def _write_private(path: Path, text: str) -> None:
