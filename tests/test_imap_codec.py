@@ -269,6 +269,31 @@ def test_large_range_resolution_is_fast() -> None:
     assert time.perf_counter() - start < 0.2
 
 
+def test_repeated_ranges_are_cheap() -> None:
+    # 16,000 copies of "1:*" fit in one 64 KiB command line.
+    sequence_set = SequenceSet.parse(",".join(["1:*"] * 16000))
+    start = time.perf_counter()
+    assert sequence_set.resolve(10000) == list(range(1, 10001))
+    assert len(sequence_set.resolve_uids(list(range(1, 10001)))) == 10000
+    assert time.perf_counter() - start < 0.5
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    count=st.integers(1, 70),
+    ranges=st.lists(st.tuples(st.integers(1, 60), st.one_of(st.none(), st.integers(1, 60))), min_size=1, max_size=5),
+)
+def test_resolution_matches_brute_force(count: int, ranges: list[tuple[int, int | None]]) -> None:
+    sequence_set = SequenceSet(tuple(ranges))
+    bounds = [(min(a, count if b is None else b), max(a, count if b is None else b)) for a, b in ranges]
+    if max(high for _, high in bounds) > count:
+        with pytest.raises(SequenceOutOfRange):
+            sequence_set.resolve(count)
+        return
+    expected = [n for n in range(1, count + 1) if any(low <= n <= high for low, high in bounds)]
+    assert sequence_set.resolve(count) == expected
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     ranges=st.lists(st.tuples(st.integers(1, 60), st.integers(1, 60)), min_size=1, max_size=5),

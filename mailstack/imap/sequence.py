@@ -92,6 +92,18 @@ class SequenceSet:
                 low, high = high, low
             yield low, high
 
+    def _merged(self, star: int) -> list[tuple[int, int]]:
+        # Overlapping and adjacent ranges are merged first, so that a set such
+        # as "1:*,1:*,..." costs no more than "1:*" however often it repeats.
+        merged: list[tuple[int, int]] = []
+        for low, high in sorted(self._bounds(star)):
+            if merged and low <= merged[-1][1] + 1:
+                if high > merged[-1][1]:
+                    merged[-1] = (merged[-1][0], high)
+            else:
+                merged.append((low, high))
+        return merged
+
     def resolve(self, count: int) -> list[int]:
         """Return the message sequence numbers of the set, for a mailbox of ``count`` messages.
 
@@ -100,19 +112,15 @@ class SequenceSet:
         """
         if count <= 0:
             raise SequenceOutOfRange("no messages in the mailbox, so no sequence number is valid")
-        bounds = list(self._bounds(count))
-        for low, high in bounds:
-            if high > count:
-                raise SequenceOutOfRange(
-                    "invalid message sequence number %d: the mailbox has %d messages" % (high, count)
-                )
-        if len(bounds) == 1:
-            low, high = bounds[0]
-            return list(range(low, high + 1))
-        numbers: set[int] = set()
-        for low, high in bounds:
-            numbers.update(range(low, high + 1))
-        return sorted(numbers)
+        merged = self._merged(count)
+        if merged[-1][1] > count:
+            raise SequenceOutOfRange(
+                "invalid message sequence number %d: the mailbox has %d messages" % (merged[-1][1], count)
+            )
+        numbers: list[int] = []
+        for low, high in merged:
+            numbers.extend(range(low, high + 1))
+        return numbers
 
     def resolve_uids(self, uids: Sequence[int]) -> list[int]:
         """Return the UIDs from ``uids`` (sorted ascending) that the set contains.
@@ -128,14 +136,10 @@ class SequenceSet:
         """
         if not uids:
             return []
-        bounds = list(self._bounds(uids[-1]))
-        if len(bounds) == 1:
-            low, high = bounds[0]
-            return list(range(bisect.bisect_left(uids, low), bisect.bisect_right(uids, high)))
-        positions: set[int] = set()
-        for low, high in bounds:
-            positions.update(range(bisect.bisect_left(uids, low), bisect.bisect_right(uids, high)))
-        return sorted(positions)
+        positions: list[int] = []
+        for low, high in self._merged(uids[-1]):
+            positions.extend(range(bisect.bisect_left(uids, low), bisect.bisect_right(uids, high)))
+        return positions
 
     def contains(self, number: int, star: int) -> bool:
         """Tell whether ``number`` is in the set when ``*`` is ``star``."""
