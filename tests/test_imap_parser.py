@@ -233,6 +233,45 @@ GOLDEN: list[tuple[bytes, c.Command]] = [
 ]
 
 
+# Lines captured from the way common clients phrase their commands.
+CLIENT_LINES = [
+    b'1 uid fetch 1:* (FLAGS)',
+    b'2 UID fetch 5 (UID RFC822.SIZE FLAGS BODY.PEEK[HEADER.FIELDS (From To Cc Bcc Subject Date Message-ID '
+    b'Priority X-Priority References Newsgroups In-Reply-To Content-Type Reply-To)])',
+    b'3 list (SUBSCRIBED) "" "*" RETURN (SPECIAL-USE)',
+    b'4 STATUS "Sent" (UIDNEXT MESSAGES UNSEEN RECENT)',
+    b'5 select "INBOX" (CONDSTORE)',
+    b'6 ID ("name" "Thunderbird" "version" "115.6.0")',
+    b'a0007 FETCH 1:10 (UID FLAGS INTERNALDATE RFC822.SIZE BODY.PEEK[HEADER.FIELDS (DATE FROM SENDER SUBJECT '
+    b'TO CC MESSAGE-ID REFERENCES CONTENT-TYPE CONTENT-DESCRIPTION IN-REPLY-TO REPLY-TO LINES LIST-POST X-LABEL)])',
+    b'a0008 UID STORE 3 +FLAGS.SILENT (\\Deleted)',
+    b'a0009 UID EXPUNGE 3',
+    b'A10 UID MOVE 4:6 "[Gmail]/Trash"',
+    b'A11 UID SEARCH 1:* NOT DELETED',
+    b'A12 UID FETCH 1:* (FLAGS) (CHANGEDSINCE 12345)',
+    b'A13 LSUB "" "*"',
+    b'A14 EXAMINE "Entw&APw-rfe"',
+    b'A15 SEARCH CHARSET UTF-8 SUBJECT {6}\r\nGr\xc3\xbc\xc3\x9f',
+    b'A16 APPEND "Sent" (\\Seen) {3}\r\nx\r\n',
+    b'A17 ENABLE UTF8=ACCEPT',
+    b'A18 AUTHENTICATE PLAIN AGFsaWNlQGhlcmUudGVzdABzZWNyZXQ=',
+    b'A19 FETCH 1 (BODY.PEEK[1.MIME] BODY.PEEK[1]<0.2048> BODYSTRUCTURE)',
+    b'A20 SEARCH OR OR FROM a TO a CC a',
+    b'A21 UID SEARCH SINCE 01-Jan-2024 UNSEEN',
+    b'A22 CREATE "Archive/2024/Q1"',
+]
+
+
+@pytest.mark.parametrize("line", CLIENT_LINES, ids=lambda line: line.split(b" ")[0].decode())
+def test_client_line_parses(line: bytes) -> None:
+    parser = Parser()
+    parser.feed(line + b"\r\n")
+    events = run(parser)
+    assert len(events) == 1
+    assert isinstance(events[0], c.Command)
+    assert events[0].tag == line.split(b" ")[0].decode()
+
+
 def run(parser: Parser) -> list[object]:
     """Collect events until NEED_DATA, accepting every literal."""
     events: list[object] = []

@@ -25,7 +25,7 @@ Public functions: :func:`parse` (a :class:`MimePart` tree),
 ``extensible=False``), :func:`body_section` (``BODY[section]``, None when the
 section does not exist), :func:`fetch_section` (the same from raw bytes, with
 a fast path for sections that need no MIME parsing), :func:`partial`,
-:func:`split_header`; and for SEARCH :func:`decode_header`,
+:func:`section_value` (NIL or a literal), :func:`split_header`; and for SEARCH :func:`decode_header`,
 :func:`header_values`, :func:`header_contains`, :func:`text_contains` and
 :func:`sent_date`.
 """
