@@ -147,3 +147,21 @@ def test_transfer_config_rejects(tmp_path, text, message):
     path.write_text(f"[transfer]\n{text}\n")
     with pytest.raises(config_module.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         config_module.load(MailServerConfig, path)
+
+
+@pytest.mark.parametrize(
+    ("target", "candidates", "expected"),
+    [
+        ("127.0.5.2", ("127.0.5.20",), "127.0.5.20"),
+        ("192.0.2.1", ("127.0.5.20",), None),
+        ("192.0.2.1", ("127.0.5.20", "198.51.100.7"), "198.51.100.7"),
+        ("2001:db8::1", ("198.51.100.7", "2001:db8::25"), "2001:db8::25"),
+        ("192.0.2.1", ("0.0.0.0",), None),
+        ("::1", ("127.0.0.1", "::1"), "::1"),
+        ("127.0.5.2", (), None),
+    ],
+)
+def test_source_address_choice(target, candidates, expected):
+    from mailstack.transfer.client import choose_source
+
+    assert choose_source(target, candidates) == expected

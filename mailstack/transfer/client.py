@@ -10,6 +10,7 @@ greeting, EHLO or MAIL).
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 import ssl
@@ -89,6 +90,9 @@ class ClientSettings:
     tls_ca_file: Path | None = None
     connect_timeout: float = 30.0
     command_timeout: float = 300.0
+    # Addresses this server listens on; an outbound connection starts from the one
+    # that fits the peer's address, so that peers see the server's own address.
+    source_addresses: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.tls_policy not in TLS_POLICIES:
@@ -105,6 +109,28 @@ class _TryNextHost(Exception):
 
 class _Plaintext(Exception):
     """Opportunistic TLS failed on this address; retry it without TLS."""
+
+
+def choose_source(target: str, candidates: Sequence[str]) -> str | None:
+    """Return the listen address to connect from to ``target``, or None for the system's choice.
+
+    A candidate fits when it has the target's IP version and is a loopback
+    address exactly when the target is one; wildcard addresses never fit.
+    """
+    try:
+        peer = ipaddress.ip_address(target)
+    except ValueError:
+        return None
+    for candidate in candidates:
+        try:
+            source = ipaddress.ip_address(candidate)
+        except ValueError:
+            continue
+        if source.is_unspecified or source.version != peer.version:
+            continue
+        if source.is_loopback == peer.is_loopback:
+            return candidate
+    return None
 
 
 def _encoding_needed(sender: str, recipients: Sequence[str]) -> bool:
@@ -178,12 +204,14 @@ class Sender:
         log_id: str,
     ) -> dict[str, Reply]:
         settings = self.settings
+        source = choose_source(address, settings.source_addresses)
         client = aiosmtplib.SMTP(
             hostname=address,
             port=settings.port,
             local_hostname=settings.local_hostname,
             timeout=settings.command_timeout,
             start_tls=False,
+            source_address=(source, 0) if source else None,
         )
         try:
             try:

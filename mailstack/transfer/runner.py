@@ -355,6 +355,7 @@ def settings_from_config(config) -> tuple[ClientSettings, RetryPolicy]:
         tls_ca_file=ca_file,
         connect_timeout=section.connect_timeout,
         command_timeout=section.command_timeout,
+        source_addresses=config.server.listen,
     )
     retry = RetryPolicy(
         initial=section.retry_initial,
