@@ -559,6 +559,13 @@ def test_text_contains_base64_and_unknown_charset() -> None:
     mime.text_contains(mime.parse(broken), "x")
 
 
+def test_text_contains_unlabelled_8bit() -> None:
+    latin = b"Content-Type: text/plain\r\nContent-Transfer-Encoding: 8bit\r\n\r\nCaf\xe9 cr\xe8me\r\n"
+    assert mime.text_contains(mime.parse(latin), "caf\u00e9 CR\u00c8ME")
+    utf8 = b"Content-Type: text/plain; charset=us-ascii\r\n\r\nCaf\xc3\xa9\r\n"
+    assert mime.text_contains(mime.parse(utf8), "caf\u00e9")
+
+
 def test_sent_date() -> None:
     assert mime.sent_date(mime.parse(SIMPLE)) == datetime.date(2024, 1, 2)
     late = b"Date: Tue, 2 Jan 2024 23:30:00 -0800\r\n\r\n"

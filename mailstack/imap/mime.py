@@ -714,20 +714,27 @@ def _decoded_body(part: MimePart) -> str:
     data = part.body
     if encoding == b"base64":
         cleaned = re.sub(rb"[^A-Za-z0-9+/]", b"", data)
-        cleaned = cleaned[: len(cleaned) - len(cleaned) % 4 if len(cleaned) % 4 == 1 else len(cleaned)]
+        if len(cleaned) % 4 == 1:
+            # A lone last character cannot encode a byte: drop it.
+            cleaned = cleaned[:-1]
         try:
             data = base64.b64decode(cleaned + b"=" * (-len(cleaned) % 4))
         except (binascii.Error, ValueError):
             data = part.body
     elif encoding == b"quoted-printable":
         data = quopri.decodestring(data)
-    charset = (part.param(b"charset") or b"utf-8").decode("ascii", "replace").strip().lower()
-    if charset in ("us-ascii", "ascii", ""):
-        charset = "utf-8"
+    charset = (part.param(b"charset") or b"").decode("ascii", "replace").strip().lower()
+    if charset not in ("", "us-ascii", "ascii"):
+        try:
+            return data.decode(charset, "replace")
+        except LookupError:
+            pass
+    # No charset, US-ASCII (often mislabelled 8-bit text) or an unknown one:
+    # UTF-8 when the bytes are valid UTF-8, else Windows-1252, the usual legacy.
     try:
-        return data.decode(charset, "replace")
-    except LookupError:
-        return data.decode("utf-8", "replace")
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("cp1252", "replace")
 
 
 def text_contains(root: MimePart, needle: str, include_headers: bool = False) -> bool:
