@@ -524,6 +524,7 @@ def test_decode_header() -> None:
     assert mime.decode_header(b"=?utf-8?q?caf=C3=A9?= au lait") == "caf\u00e9 au lait"
     assert mime.decode_header(b"=?iso-8859-1?b?R3L832U=?=") == "Gr\u00fc\u00dfe"
     assert mime.decode_header(b"plain \xc3\xa9") == "plain \u00e9"
+    assert mime.decode_header(b"latin \xe9") == "latin \u00e9"
     assert mime.decode_header(b"=?bogus-charset?q?x?=") == "=?bogus-charset?q?x?="
 
 

@@ -673,9 +673,19 @@ def section_value(data: bytes | None) -> bytes:
 # --- SEARCH helpers -----------------------------------------------------------------------------
 
 
+def _decode_unlabelled(data: bytes) -> str:
+    # Text without a usable charset label (no charset, US-ASCII carrying 8-bit
+    # bytes, an unknown charset, raw 8-bit headers): UTF-8 when the bytes are
+    # valid UTF-8, else Windows-1252, the most common legacy charset in mail.
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("cp1252", "replace")
+
+
 def decode_header(value: bytes) -> str:
-    """Decode a raw header value: RFC 2047 encoded-words and UTF-8 text (RFC 6532)."""
-    text = value.decode("utf-8", "replace")
+    """Decode a raw header value: RFC 2047 encoded-words, UTF-8 text (RFC 6532) or legacy 8-bit."""
+    text = _decode_unlabelled(value)
     if "=?" not in text:
         return text
     try:
@@ -704,7 +714,7 @@ def header_contains(part: MimePart, name: str, needle: str) -> bool:
             continue
         if not folded:
             return True
-        if folded in decode_header(value).casefold() or folded in value.decode("utf-8", "replace").casefold():
+        if folded in decode_header(value).casefold() or folded in _decode_unlabelled(value).casefold():
             return True
     return False
 
@@ -729,12 +739,7 @@ def _decoded_body(part: MimePart) -> str:
             return data.decode(charset, "replace")
         except LookupError:
             pass
-    # No charset, US-ASCII (often mislabelled 8-bit text) or an unknown one:
-    # UTF-8 when the bytes are valid UTF-8, else Windows-1252, the usual legacy.
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return data.decode("cp1252", "replace")
+    return _decode_unlabelled(data)
 
 
 def text_contains(root: MimePart, needle: str, include_headers: bool = False) -> bool:
