@@ -1,0 +1,1 @@
+"""IMAP4rev1 mailbox access (RFC 3501): pure parser and encoder, session, asyncio server."""
