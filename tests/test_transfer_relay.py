@@ -554,3 +554,18 @@ async def test_two_workers_share_postgres_queue(postgres, resolver, clock, peer)
     finally:
         await first.close()
         await second.close()
+
+
+async def test_relay_skips_message_deleted_after_claim(store, resolver, clock, peer):
+    runner = make_runner(store, resolver, clock)
+    alice = await store.get_account("alice@here.test")
+    # A local copy keeps the content stored after the queue entry is gone.
+    queue_id = await store.submit(
+        MESSAGE, account_id=alice.id, envelope_sender="alice@here.test", local_account_ids=[alice.id],
+        remote_recipients=["bob@there.test"],
+    )
+    claimed = await store.claim_due(runner.owner, 60)
+    assert await store.delete_queue_entry(queue_id) == 1
+    await runner._attempt(claimed)
+    assert peer.recipients() == []
+    assert await store.list_queue() == []

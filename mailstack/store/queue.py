@@ -173,6 +173,18 @@ class QueueMixin(StoreBase):
             raise NotFound(f"message content {sha256} not found")
         return data
 
+    async def load_queued_content(self, queue_id: str) -> bytes:
+        """Return the bytes of a queued message; raise NotFound once it has left the queue."""
+        async with self.read() as session:
+            data = await session.scalar(
+                select(MessageContent.data)
+                .join(OutboundMessage, OutboundMessage.content_sha256 == MessageContent.sha256)
+                .where(OutboundMessage.queue_id == queue_id)
+            )
+        if data is None:
+            raise NotFound(f"queue id {queue_id} not found")
+        return data
+
     async def release_leases(self, owner: str) -> int:
         """Give back every lease ``owner`` holds, so other workers may retry at once."""
         async with self.write() as session:

@@ -24,7 +24,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from mailstack.store import Store
+from mailstack.store import NotFound, Store
 from mailstack.store.models import DeliveryState
 from mailstack.store.queue import AttemptResult, ClaimedDelivery, Notice
 from mailstack.transfer.client import ClientSettings, Reply, Sender, local_failure
@@ -204,7 +204,12 @@ class QueueRunner:
         log_id = f"{first.queue_id}/{first.domain}"
         recipients = [delivery.recipient for delivery in group]
         log.info("%s: attempt for %d recipient(s), sender <%s>", log_id, len(group), first.envelope_sender)
-        data = await self.store.load_content(first.content_sha256)
+        try:
+            data = await self.store.load_queued_content(first.queue_id)
+        except NotFound:
+            # Deleted by an operator or cancelled over IMAP after the claim.
+            log.info("%s: the message left the queue before its attempt", log_id)
+            return
 
         try:
             hosts = self._without_self(await self.resolver.resolve(first.domain))
