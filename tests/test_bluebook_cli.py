@@ -234,6 +234,9 @@ def test_errors_are_clear(served, tmp_path):
     assert "invalid IP address 'not-an-ip'" in bad_address.stderr
     no_address = run(config, "add", "bad.test", "--mx", "mx.bad.test", check=False)
     assert "give its address with --address" in no_address.stderr
+    new_host = run(config, "update", "here.test", "--mx", "mx2.here.test", check=False)
+    assert new_host.exit_code == 1
+    assert "mail host mx2.here.test. is inside zone here.test.; give its address with --address" in new_host.stderr
     missing = run(config, "update", "absent.test", "--spf", "v=spf1 -all", check=False)
     assert missing.exit_code == 1
     assert "zone absent.test. not found" in missing.stderr

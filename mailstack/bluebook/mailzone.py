@@ -177,7 +177,7 @@ def apply_mail_parts(content: ZoneContent, spec: MailDomain, ttl: int, *, creati
         if first_host is None:
             raise ZoneStoreError(f"zone {origin} has no MX record to give --address to; add --mx")
         put_addresses(content, first_host, check_addresses(spec.addresses), ttl)
-    elif creating and first_host is not None and first_host.is_subdomain(origin):
+    elif (creating or spec.mx is not None) and first_host is not None and first_host.is_subdomain(origin):
         if not content.get(first_host, dns.rdatatype.A) and not content.get(first_host, dns.rdatatype.AAAA):
             raise ZoneStoreError(f"mail host {first_host} is inside zone {origin}; give its address with --address")
 
