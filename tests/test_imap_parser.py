@@ -502,6 +502,42 @@ def test_literal_of_unknown_command_rejected_early() -> None:
     assert run(parser) == [c.Noop("c")]
 
 
+def test_literal_count_is_bounded() -> None:
+    parser = Parser(max_literals=3)
+    parser.feed(b"a SEARCH TEXT {1}\r\n")
+    assert parser.next_event() == LiteralRequest("a", "SEARCH", 1, True, 0)
+    parser.accept_literal()
+    parser.feed(b"x TEXT {2}\r\n")
+    assert parser.next_event() == LiteralRequest("a", "SEARCH", 2, True, 1)
+    parser.accept_literal()
+    parser.feed(b"yy TEXT {3}\r\n")
+    assert parser.next_event() == LiteralRequest("a", "SEARCH", 3, True, 3)
+    parser.accept_literal()
+    parser.feed(b"zzz TEXT {4+}\r\nwwww\r\nb NOOP\r\n")
+    with pytest.raises(ParseError) as info:
+        parser.next_event()
+    assert info.value.tag == "a"
+    assert "too many literals" in info.value.text
+    # The fourth literal was LITERAL+, so its bytes are skipped.
+    assert run(parser) == [c.Noop("b")]
+
+
+def test_append_takes_one_message_literal() -> None:
+    parser = Parser()
+    parser.feed(b"a APPEND {5}\r\n")
+    parser.next_event()
+    parser.accept_literal()
+    parser.feed(b"INBOX {3}\r\n")
+    parser.next_event()
+    parser.accept_literal()
+    parser.feed(b"abc {3}\r\n")
+    with pytest.raises(ParseError) as info:
+        parser.next_event()
+    assert "MULTIAPPEND" in info.value.text
+    parser.feed(b"b APPEND {5}\r\nINBOX {3}\r\nabc\r\n")
+    assert run(parser) == [c.Append("b", "INBOX", b"abc")]
+
+
 def test_decision_without_request_raises() -> None:
     parser = Parser()
     with pytest.raises(RuntimeError):

@@ -33,16 +33,18 @@ Events returned by :meth:`Parser.next_event`:
   with all of its literals, has arrived and parsed;
 - :class:`LiteralRequest` when a line ends with a literal announcement
   ``{n}`` (synchronising) or ``{n+}`` (LITERAL+), before any byte of the
-  literal is read. A line without a valid tag or with an unknown command
-  name raises its error at once instead, so no literal is read for it. The parser then waits for :meth:`Parser.accept_literal`
+  literal is read. The parser then waits for :meth:`Parser.accept_literal`
   or :meth:`Parser.reject_literal`; until one is called, ``next_event``
   returns the same request again. After a rejected synchronising literal
   the client sends nothing more of that command. After a rejected
   non-synchronising literal the client sends the literal and the rest of
   the command anyway. So the parser skips ``n`` bytes and the remaining
   lines of the command (with any further ``{m+}`` literals in them) before
-  it reads the next command. A connection may prefer to close instead when the
-  announced size is absurd.
+  it reads the next command. A connection may prefer to close instead when
+  the announced size is absurd. No request is made for a literal that
+  cannot belong to a valid command (an invalid tag, an unknown command, a
+  third literal in APPEND, more than ``max_literals`` in one command): the
+  parser raises the command's error at once instead.
 - :class:`ContinuationLine` for the next line after
   :meth:`Parser.expect_continuation`: the client's reply to an
   AUTHENTICATE challenge (see :func:`decode_sasl_response`) or IDLE's ``DONE``.
@@ -59,7 +61,10 @@ Limits: a command line (the text outside literals, summed over all lines of
 one command) is at most ``max_line_length`` bytes, else :class:`LineTooLong`
 and the rest of the line is skipped; parentheses and NOT/OR in search
 programs nest at most ``max_nesting`` deep, else :class:`NestingTooDeep`.
-Literal sizes are checked by the connection through :class:`LiteralRequest`.
+One command carries at most ``max_literals`` literals, so a per-literal
+size limit also bounds the memory of a whole command. Literal sizes are
+checked by the connection through :class:`LiteralRequest`, whose
+``received`` counts the literal bytes already accepted for the command.
 
 A line may end in CRLF or a bare LF. After STARTTLS the connection calls
 :meth:`Parser.discard_buffered`: bytes sent in clear after the command must
@@ -96,12 +101,16 @@ __all__ = [
     "parse_command",
     "DEFAULT_MAX_LINE_LENGTH",
     "DEFAULT_MAX_NESTING",
+    "DEFAULT_MAX_LITERALS",
 ]
 
 #: Default bound on the text of one command, outside literals (64 KiB).
 DEFAULT_MAX_LINE_LENGTH = 65536
 #: Default bound on nested parentheses, NOT and OR in one command.
 DEFAULT_MAX_NESTING = 16
+#: Default bound on the literals of one command. LOGIN needs two and APPEND
+#: two (mailbox name and message); SEARCH may send each string as a literal.
+DEFAULT_MAX_LITERALS = 32
 #: Most ID field/value pairs a client may send (RFC 2971 section 3.3).
 MAX_ID_PAIRS = 30
 
@@ -128,13 +137,15 @@ class LiteralRequest:
     ``command`` is the upper-case command name when the line showed it (for
     ``UID FETCH`` it is ``"UID"``), so the connection can allow large literals
     for APPEND only. ``synchronizing`` is False for LITERAL+ ``{n+}``: the
-    client does not wait for ``+`` and sends the bytes at once.
+    client does not wait for ``+`` and sends the bytes at once. ``received``
+    is the number of literal bytes already accepted for this command.
     """
 
     tag: str | None
     command: str | None
     size: int
     synchronizing: bool
+    received: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,9 +238,11 @@ class Parser:
         *,
         max_line_length: int = DEFAULT_MAX_LINE_LENGTH,
         max_nesting: int = DEFAULT_MAX_NESTING,
+        max_literals: int = DEFAULT_MAX_LITERALS,
     ) -> None:
         self.max_line_length = max_line_length
         self.max_nesting = max_nesting
+        self.max_literals = max_literals
         self._buffer = bytearray()
         self._scanned = 0  # bytes of _buffer already searched for LF
         self._state = _COMMAND
@@ -239,6 +252,8 @@ class Parser:
         self._command: str | None = None
         self._pending: LiteralRequest | None = None
         self._remaining = 0  # bytes still to read or skip in a literal
+        self._literal_count = 0  # literals announced in the current command
+        self._literal_bytes = 0  # literal bytes accepted for the current command
 
     # -- public API --
 
@@ -274,6 +289,7 @@ class Parser:
         if self._state != _DECIDE or self._pending is None:
             raise RuntimeError("no literal is waiting for a decision")
         self._remaining = self._pending.size
+        self._literal_bytes += self._pending.size
         self._pending = None
         self._state = _LITERAL
 
@@ -369,6 +385,8 @@ class Parser:
         self._tag = None
         self._command = None
         self._pending = None
+        self._literal_count = 0
+        self._literal_bytes = 0
 
     def _take_line(self) -> bytes | None:
         index = self._buffer.find(b"\n", self._scanned)
@@ -415,12 +433,20 @@ class Parser:
                 tag = self._drop_command(marker)
                 raise UnknownCommand("unknown command %s" % name, tag=tag)
         if marker is not None:
+            if self._literal_count >= self.max_literals:
+                tag = self._drop_command(marker)
+                raise ParseError("too many literals in one command (maximum %d)" % self.max_literals, tag=tag)
+            if self._command == "APPEND" and self._literal_count >= 2:
+                tag = self._drop_command(marker)
+                raise ParseError("APPEND takes one message; MULTIAPPEND is not supported", tag=tag)
+            self._literal_count += 1
             self._parts.append(body + b"\r\n")
             self._pending = LiteralRequest(
                 tag=self._tag,
                 command=self._command,
                 size=int(marker.group(1)),
                 synchronizing=not marker.group(2),
+                received=self._literal_bytes,
             )
             self._state = _DECIDE
             return self._pending
