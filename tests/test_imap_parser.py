@@ -651,6 +651,7 @@ def test_authenticate_cancel_and_garbage() -> None:
     with pytest.raises(ParseError):
         decode_sasl_response(b"not base64!", tag="a")
     assert decode_sasl_response(b"") == b""
+    assert decode_sasl_response(b"=") == b""
 
 
 def test_idle_done_line() -> None:

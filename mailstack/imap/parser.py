@@ -193,6 +193,9 @@ def decode_sasl_response(line: ContinuationLine | bytes, tag: str | None = None)
     data = data.strip()
     if data == b"*":
         raise AuthenticationCancelled("authentication cancelled by the client", tag=tag)
+    if data == b"=":
+        # "=" is RFC 4959's empty initial response; some clients send it here too.
+        return b""
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
