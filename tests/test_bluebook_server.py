@@ -789,3 +789,19 @@ async def test_ipv4_and_ipv6_listeners(tmp_path):
     finally:
         await running.server.stop()
         await running.store.close()
+
+
+async def test_axfr_splits_huge_rrset(bluebook):
+    def change(content):
+        rdataset = dns.rdataset.Rdataset(IN, dns.rdatatype.TXT, ttl=300)
+        for index in range(4000):
+            rdataset.add(parse_rdata("TXT", f'"record {index:05d} of a very large RRset"'))
+        content.put(to_name("huge.here.test"), rdataset)
+
+    await bluebook.store.modify_zone("here.test", change)
+    await bluebook.server.reload()
+    query = dns.message.make_query("here.test", "AXFR")
+    query.use_tsig(KEYRING, KEY_NAME)
+    zone = dns.zone.Zone("here.test")
+    await dns.asyncquery.inbound_xfr(bluebook.host, zone, query=query, port=bluebook.port, timeout=TIMEOUT)
+    assert len(zone.get_rdataset("huge", "TXT")) == 4000

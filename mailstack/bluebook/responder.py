@@ -378,15 +378,31 @@ class Responder:
         return Transfer(self.transfer_messages(query, zone))
 
     def transfer_messages(self, query: dns.message.Message, zone: Zone) -> list[bytes]:
-        """Render the zone as AXFR messages bracketed by the SOA, TSIG-signed as one sequence."""
-        rrsets = zone.rrsets_in_order() + [zone.soa]
-        messages = []
+        """Render the zone as AXFR messages bracketed by the SOA, TSIG-signed as one sequence.
+
+        A chunk of RRsets too big for one 64 KiB message is halved, and a
+        single RRset too big is split into several RRsets of the same name
+        and type: a transfer is a stream of records, which the client joins.
+        """
+        pending = zone.rrsets_in_order() + [zone.soa]
+        # A stack of chunks still to send, the next one last.
+        chunks = [
+            pending[start : start + TRANSFER_RRSETS_PER_MESSAGE]
+            for start in range(0, len(pending), TRANSFER_RRSETS_PER_MESSAGE)
+        ]
+        chunks.reverse()
+        messages: list[bytes] = []
         tsig_context = None
-        for start in range(0, len(rrsets), TRANSFER_RRSETS_PER_MESSAGE):
+        while chunks:
+            chunk = chunks.pop()
             response = dns.message.make_response(query, our_payload=self.max_udp_payload)
             response.flags |= dns.flags.AA
-            response.answer = rrsets[start : start + TRANSFER_RRSETS_PER_MESSAGE]
-            wire = response.to_wire(max_size=TCP_MAX, multi=True, tsig_ctx=tsig_context)
+            response.answer = chunk
+            try:
+                wire = response.to_wire(max_size=TCP_MAX, multi=True, tsig_ctx=tsig_context)
+            except dns.exception.TooBig:
+                chunks.extend(reversed(_split_chunk(chunk)))
+                continue
             tsig_context = response.tsig_ctx
             messages.append(wire)
         return messages
@@ -410,6 +426,25 @@ class Responder:
 
     def update_reply(self, request: UpdateRequest, rcode: int, tcp: bool) -> bytes:
         return self._finish(self._response(request.message, rcode), request.message, tcp)
+
+
+def _split_chunk(chunk: list[dns.rrset.RRset]) -> list[list[dns.rrset.RRset]]:
+    """Halve a list of RRsets, or the records of a lone RRset."""
+    if len(chunk) > 1:
+        middle = len(chunk) // 2
+        return [chunk[:middle], chunk[middle:]]
+    (rrset,) = chunk
+    records = list(rrset)
+    if len(records) < 2:
+        raise dns.exception.TooBig(f"one {rrset.rdtype.name} record at {rrset.name} exceeds a DNS message")
+    middle = len(records) // 2
+    halves = []
+    for part in (records[:middle], records[middle:]):
+        half = dns.rrset.RRset(rrset.name, rrset.rdclass, rrset.rdtype)
+        for rdata in part:
+            half.add(rdata, rrset.ttl)
+        halves.append([half])
+    return halves
 
 
 def _peer(peer: Any) -> str:
