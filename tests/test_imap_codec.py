@@ -151,6 +151,9 @@ def test_response_names_of_fetch_attributes() -> None:
     assert not FetchAttribute(FetchItem.RFC822_HEADER).sets_seen
     assert not FetchAttribute(FetchItem.BODY).sets_seen
     assert FetchAttribute(FetchItem.BODY, Section((3,), SectionSpecifier.MIME)).response_name == b"BODY[3.MIME]"
+    odd = FetchAttribute(FetchItem.BODY, Section((), SectionSpecifier.HEADER_FIELDS, ("X(A)", 'B"C', "D")))
+    assert odd.response_name == b'BODY[HEADER.FIELDS ("X(A)" "B\\"C" D)]'
+    assert parse_command(b"t FETCH 1 " + odd.response_name).attributes == (odd,)
 
 
 # --- errors -------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from mailstack.imap.response import astring
 from mailstack.imap.sequence import SequenceSet
 
 __all__ = [
@@ -405,7 +406,8 @@ class Section:
             pieces.append(self.specifier.value)
         text = ".".join(pieces)
         if self.specifier in (SectionSpecifier.HEADER_FIELDS, SectionSpecifier.HEADER_FIELDS_NOT):
-            text += " (" + " ".join(self.fields) + ")"
+            # A field name may contain characters that an atom cannot, such as "(".
+            text += " (" + " ".join(astring(name).decode("ascii") for name in self.fields) + ")"
         return text
 
 
