@@ -11,7 +11,7 @@ import itertools
 import pytest
 from sqlalchemy import select
 
-from mailstack.store import Store
+from mailstack.store import NotFound, Store
 from mailstack.store.messages import FlagMode, uid_clauses, uid_ranges
 from mailstack.store.models import Delivery, DeliveryState, Flag, MessageContent
 
@@ -180,3 +180,19 @@ async def test_cancel_held_delivery_leaves_queue(store, account):
         delivery.state = DeliveryState.HELD.value
     assert await store.cancel_outbox_message(queue_id) == 1
     assert await store.list_queue() == []
+
+
+async def test_append_to_by_name(store, account):
+    first = await store.append_to(account.id, "inbox", MESSAGE % (1, 1), flags=int(Flag.SEEN), keywords=["$Work"])
+    second = await store.append_to(account.id, "Drafts", MESSAGE % (2, 2))
+    inbox = await store.get_mailbox(account.id, "INBOX")
+    assert first.uid == 1
+    assert first.uidvalidity == inbox.uidvalidity
+    assert second.uid == 1
+    stored = await store.fetch_messages(inbox.id, [1], content=True)
+    assert stored[0].flags == int(Flag.SEEN)
+    assert stored[0].keywords == ("$Work",)
+    assert stored[0].data == MESSAGE % (1, 1)
+    assert await store.highest_modseq(inbox.id) == stored[0].modseq
+    with pytest.raises(NotFound):
+        await store.append_to(account.id, "Nowhere", MESSAGE % (3, 3))
