@@ -43,7 +43,7 @@ class Interrupted(Exception):
 
 
 def _echo_now(text: str) -> None:
-    """Print one line and flush it, so a pipe sees each check step as it happens."""
+    """Print one line and flush it, so that a reader of a pipe gets each check step at once."""
     click.echo(text)
     sys.stdout.flush()
 
