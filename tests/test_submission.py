@@ -45,7 +45,7 @@ async def env(tmp_path, template):
 async def running(env):
     running = await start_submission(env, max_recipients=3, max_message_size=20_000)
     yield running
-    await running.server.close(2.0)
+    await running.close()
 
 
 # Clients --------------------------------------------------------------------
@@ -208,7 +208,7 @@ async def test_auth_throttle_locks_out_with_421(env, caplog):
         assert (await client.login(BOB[0], BOB[1]))[0] == 421
         await client.close()
     finally:
-        await running.server.close(2.0)
+        await running.close()
     failures = [r.getMessage() for r in caplog.records if r.name == "mailstack.submission.handler" and "AUTH PLAIN failed" in r.getMessage()]
     assert len(failures) == 3
     assert all("127.0.0.1" in line or HOST in line or "from" in line for line in failures)
@@ -229,7 +229,7 @@ async def test_auth_throttle_delays_failures(env):
         assert loop.time() - started >= 0.6
         await client.close()
     finally:
-        await running.server.close(2.0)
+        await running.close()
 
 
 # Envelope rules -------------------------------------------------------------
@@ -375,7 +375,9 @@ async def test_pipelined_transaction(env, running):
 # Storing ---------------------------------------------------------------------
 
 
-async def test_failed_commit_451_nothing_stored(env, running):
+@pytest.mark.parametrize("group_commit", [True, False])
+async def test_failed_commit_451_nothing_stored(env, group_commit):
+    running = await start_submission(env, group_commit=group_commit)
     # Without an Outbox the transaction fails after the INBOX copy was written.
     async with env.store.write() as session:
         await session.execute(
@@ -390,6 +392,7 @@ async def test_failed_commit_451_nothing_stored(env, running):
     assert await client.reply() == (451, ["4.3.0 Message not stored because of a local error; try again later"])
     assert await count_messages(env.store) == 0
     await client.close()
+    await running.close()
 
 
 # Operations --------------------------------------------------------------------
@@ -404,7 +407,7 @@ async def test_idle_timeout_421(env):
         assert await client.at_eof()
         await client.close()
     finally:
-        await running.server.close(2.0)
+        await running.close()
 
 
 async def test_connection_limit_per_address_and_total(env):
@@ -418,13 +421,13 @@ async def test_connection_limit_per_address_and_total(env):
         await first.close()
         await second.close()
     finally:
-        await running.server.close(2.0)
+        await running.close()
 
 
 async def test_shutdown_sends_421_to_idle_sessions(env):
     running = await start_submission(env)
     client = await authenticated_client(env, running)
-    await running.server.close(2.0)
+    await running.close()
     assert await client.reply() == (421, ["4.3.2 Service shutting down"])
     assert await client.at_eof()
     await client.close()

@@ -16,6 +16,7 @@ from mailstack import tls
 from mailstack.settings import MailServerConfig, ServerSection, SubmissionSection
 from mailstack.smtp import SMTPServer
 from mailstack.store import Store
+from mailstack.store.batch import SubmitBatcher
 from mailstack.store.models import Mailbox, Message, MessageContent
 from mailstack.submission.service import IMPLICIT_TLS_LISTENER, STARTTLS_LISTENER, build_server
 
@@ -74,16 +75,24 @@ class Running:
     server: SMTPServer
     port: int
     tls_port: int
+    batcher: SubmitBatcher | None
+
+    async def close(self) -> None:
+        await self.server.close(2.0)
+        if self.batcher is not None:
+            await self.batcher.close()
 
 
-async def start_submission(env: Env, **section_overrides) -> Running:
+async def start_submission(env: Env, *, group_commit: bool = True, **section_overrides) -> Running:
+    """Start the submission server as the service does, on free ports of HOST."""
     section = SubmissionSection(**{"auth_failure_delay": 0.0, **section_overrides})
     config = MailServerConfig(server=ServerSection(hostname=HOSTNAME, data_dir=env.data_dir), submission=section)
     context = SimpleNamespace(config=config, store=env.store, ssl_context=env.ssl_context, shared={})
-    server = build_server(context)
+    batcher = SubmitBatcher(env.store) if group_commit else None
+    server = build_server(context, batcher)
     [(_, port)] = await server.listen(HOST, 0, STARTTLS_LISTENER)
     [(_, tls_port)] = await server.listen(HOST, 0, IMPLICIT_TLS_LISTENER)
-    return Running(server, port, tls_port)
+    return Running(server, port, tls_port, batcher)
 
 
 async def inbox_messages(store: Store, account_id: int, mailbox: str = "INBOX") -> list[bytes]:

@@ -13,7 +13,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from mailstack.smtp import Envelope, Path, Reply, SessionState, SMTPError, SMTPHandler
 from mailstack.store import Store, StoreError, new_queue_id
-from mailstack.store.addresses import AddressError, normalize_domain
+from mailstack.store.addresses import AddressError, split_address
 from mailstack.submission import headers
 from mailstack.submission.throttle import AuthThrottle
 
@@ -131,9 +131,10 @@ class SubmissionHandler(SMTPHandler):
             envelope.notes["local"].add(account.id)
             return
         try:
-            normalize_domain(domain)
+            split_address(address)
         except AddressError:
-            raise SMTPError(Reply(501, "5.1.3", "Bad recipient domain syntax")) from None
+            # Valid SMTP, such as a quoted local part, but not storable in the queue.
+            raise SMTPError(Reply(553, "5.1.3", "Recipient address syntax not supported here"), address) from None
         if address not in envelope.notes["remote"]:
             envelope.notes["remote"].append(address)
 
@@ -172,7 +173,7 @@ class SubmissionHandler(SMTPHandler):
                 remote_recipients=remote,
                 queue_id=queue_id,
             )
-        except (SQLAlchemyError, StoreError, OSError) as error:
+        except (SQLAlchemyError, StoreError, OSError, ValueError) as error:
             log.error(
                 "session %s: storing message %s from <%s> failed: %s",
                 session.id, queue_id, envelope.mail_from, error, exc_info=error,

@@ -6,6 +6,7 @@ import contextlib
 import logging
 
 from mailstack.smtp import Listener, SMTPOptions, SMTPServer
+from mailstack.store.batch import SubmitBatcher
 from mailstack.submission.handler import SubmissionHandler
 from mailstack.submission.throttle import AuthThrottle
 
@@ -15,8 +16,12 @@ STARTTLS_LISTENER = Listener("submission", tls="starttls", require_tls=True, req
 IMPLICIT_TLS_LISTENER = Listener("submissions", tls="implicit", require_tls=True, require_auth=True)
 
 
-def build_server(context) -> SMTPServer:
-    """Create the submission server for a ServerContext, without binding sockets."""
+def build_server(context, batcher: SubmitBatcher | None = None) -> SMTPServer:
+    """Create the submission server for a ServerContext, without binding sockets.
+
+    With a ``batcher``, messages are stored by group commit; without, one
+    transaction each.
+    """
     config = context.config
     section = config.submission
     throttle = AuthThrottle(
@@ -29,6 +34,7 @@ def build_server(context) -> SMTPServer:
         hostname=config.server.hostname,
         throttle=throttle,
         trusted_networks=section.trusted_networks,
+        submit=batcher.submit if batcher is not None else None,
     )
     options = SMTPOptions(
         hostname=config.server.hostname,
@@ -48,7 +54,10 @@ async def start(context, stack: contextlib.AsyncExitStack) -> None:
     if not log.isEnabledFor(logging.DEBUG):
         # aiosmtpd logs every command line at INFO; the session log covers what matters.
         logging.getLogger("mail.log").setLevel(logging.WARNING)
-    server = build_server(context)
+    batcher = SubmitBatcher(context.store)
+    # The exit stack runs callbacks in reverse: sessions finish before the batcher stops.
+    stack.push_async_callback(batcher.close)
+    server = build_server(context, batcher)
     stack.push_async_callback(server.close, config.server.shutdown_timeout)
     for host in config.server.listen:
         if section.port:
