@@ -569,3 +569,38 @@ async def test_relay_skips_message_deleted_after_claim(store, resolver, clock, p
     await runner._attempt(claimed)
     assert peer.recipients() == []
     assert await store.list_queue() == []
+
+
+async def test_relay_reuses_connection(store, resolver, clock, peer):
+    runner = make_runner(store, resolver, clock)
+    for name in ("bob", "carol", "dave"):
+        await submit(store, [f"{name}@there.test"])
+        await runner.run_once()
+    assert peer.recipients() == ["bob@there.test", "carol@there.test", "dave@there.test"]
+    assert len({message.connection for message in peer.handler.received}) == 1
+    await runner.sender.close()
+
+
+async def test_relay_replaces_broken_cached_connection(store, resolver, clock, peer):
+    runner = make_runner(store, resolver, clock)
+    await submit(store, ["bob@there.test"])
+    await runner.run_once()
+    peer.drop_connections()
+    await submit(store, ["carol@there.test"])
+    await runner.run_once()
+    await runner.sender.close()
+    assert peer.recipients() == ["bob@there.test", "carol@there.test"]
+    assert len({message.connection for message in peer.handler.received}) == 2
+    assert await store.list_queue() == []
+
+
+async def test_relay_retries_when_cached_connection_drops_at_mail(store, resolver, clock, peer):
+    runner = make_runner(store, resolver, clock)
+    await submit(store, ["bob@there.test"])
+    await runner.run_once()
+    peer.handler.drop_next_mail = True
+    await submit(store, ["carol@there.test"])
+    await runner.run_once()
+    await runner.sender.close()
+    assert peer.recipients() == ["bob@there.test", "carol@there.test"]
+    assert await store.list_queue() == []

@@ -113,6 +113,7 @@ class Received:
     sender: str
     recipients: list[str]
     data: bytes
+    connection: int = 0  # identifies the SMTP connection that carried the message
 
 
 @dataclass
@@ -138,8 +139,15 @@ class PeerHandler:
     release: threading.Event = field(default_factory=threading.Event)
     stalled: threading.Event = field(default_factory=threading.Event)
     arrived: threading.Event = field(default_factory=threading.Event)
+    transports: list = field(default_factory=list)
+    drop_next_mail: bool = False
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        if self.drop_next_mail:
+            # A peer that ends an idle session just as the client starts a transaction.
+            self.drop_next_mail = False
+            server.transport.close()
+            return "421 4.4.2 closing"
         if self.mail_reply:
             return self.mail_reply
         self.active += 1
@@ -180,7 +188,10 @@ class PeerHandler:
         self._end_transaction(session)
         if self.data_reply:
             return self.data_reply
-        self.received.append(Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
+        self.received.append(
+            Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content, id(server))
+        )
+        self.transports.append(server.transport)
         self.arrived.set()
         return "250 2.0.0 Ok: queued"
 
@@ -216,6 +227,18 @@ class Peer:
     def stop(self) -> None:
         self.handler.release.set()
         self.controller.stop()
+
+    def drop_connections(self) -> None:
+        """Close every connection that carried a message, from the server side, and wait until done."""
+        done = threading.Event()
+
+        def close_all() -> None:
+            for transport in self.handler.transports:
+                transport.close()
+            done.set()
+
+        self.controller.loop.call_soon_threadsafe(close_all)
+        assert done.wait(10)
 
     def recipients(self) -> list[str]:
         return [r for message in self.handler.received for r in message.recipients]

@@ -130,6 +130,7 @@ class QueueRunner:
             if pending:
                 await asyncio.wait(pending)
                 log.warning("queue runner %s cancelled %d delivery attempt(s) at shutdown", self.owner, len(pending))
+        await self.sender.close()
         released = await self.store.release_leases(self.owner)
         log.info("queue runner %s stopped; %d lease(s) given back", self.owner, released)
 
