@@ -3,9 +3,9 @@
 One SMTP transaction carries every recipient of the domain. Each recipient
 ends the attempt with its own reply: the RCPT reply if that was not 2xx,
 otherwise the reply to the end of DATA. Hosts are tried in the resolver's
-order; the next host is tried only while no host has given a final answer for
-the transaction (connection failures, TLS failures, and 4xx or 5xx to the
-greeting, EHLO or MAIL).
+order. The next host is tried after a connection failure, a TLS failure, a 4xx
+or 5xx reply to the greeting or EHLO, or a 4xx reply to MAIL; any other reply
+ends the attempt.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class ClientSettings:
 
 
 class _TryNextHost(Exception):
-    """This host gave no final answer for the transaction; try the next one."""
+    """This host did not take the transaction, so the next one is tried."""
 
     def __init__(self, reply: Reply) -> None:
         super().__init__(reply.text)
@@ -271,7 +271,7 @@ class Sender:
     async def _connect(
         self, host: MailHost, address: str, label: str, use_tls: bool, log_id: str
     ) -> aiosmtplib.SMTP:
-        """Open a session with the greeting, EHLO and STARTTLS as the policy asks; raise _TryNextHost."""
+        """Open a session with the greeting, EHLO and STARTTLS as the policy requires; raise _TryNextHost."""
         settings = self.settings
         source = choose_source(address, settings.source_addresses)
         client = aiosmtplib.SMTP(

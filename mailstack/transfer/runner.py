@@ -100,6 +100,10 @@ class QueueRunner:
         self._groups: set[asyncio.Task] = set()
         self._remove_listener: Callable[[], None] | None = None
         self._stopping = False
+        # Outcomes waiting to be written; one task writes all that are waiting in
+        # one transaction, so concurrent groups do not queue for SQLite's write lock.
+        self._pending: list[tuple[list[AttemptResult], list[Notice], asyncio.Future]] = []
+        self._writer: asyncio.Task | None = None
 
     # Lifecycle -------------------------------------------------------------
 
@@ -130,6 +134,9 @@ class QueueRunner:
             if pending:
                 await asyncio.wait(pending)
                 log.warning("queue runner %s cancelled %d delivery attempt(s) at shutdown", self.owner, len(pending))
+        if self._writer is not None:
+            # Outcomes already queued are written before the leases are given back.
+            await asyncio.wait([self._writer])
         await self.sender.close()
         released = await self.store.release_leases(self.owner)
         log.info("queue runner %s stopped; %d lease(s) given back", self.owner, released)
@@ -229,7 +236,7 @@ class QueueRunner:
         now = self.clock()
         results, bounced, deferred = self._classify(group, replies, now)
         notices = self._notices(group, data, bounced, deferred, now)
-        finished = await self.store.record_attempts(self.owner, results, notices=notices)
+        finished = await self._record(results, notices)
         for result, delivery in zip(results, group):
             log.info(
                 "%s: <%s> %s: %s",
@@ -238,8 +245,33 @@ class QueueRunner:
                 result.state.value,
                 result.reply,
             )
-        for queue_id in finished:
-            log.info("%s: every recipient is final; the message left the queue", queue_id)
+        if first.queue_id in finished:
+            log.info("%s: every recipient is final; the message left the queue", first.queue_id)
+
+    async def _record(self, results: list[AttemptResult], notices: list[Notice]) -> list[str]:
+        """Queue an attempt's outcome for the next group commit and return the queue ids that ended."""
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((results, notices, future))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_pending())
+        # Shielded: a group cancelled at shutdown must not lose an outcome already queued.
+        return await asyncio.shield(future)
+
+    async def _write_pending(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            results = [result for entry in batch for result in entry[0]]
+            notices = [notice for entry in batch for notice in entry[1]]
+            try:
+                finished = await self.store.record_attempts(self.owner, results, notices=notices)
+            except Exception as exc:
+                for _results, _notices, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for _results, _notices, future in batch:
+                if not future.done():
+                    future.set_result(finished)
 
     def _without_self(self, hosts: list[MailHost]) -> list[MailHost]:
         """Drop this server and every less preferred host from an MX list (RFC 5321 section 5.1)."""
