@@ -8,12 +8,10 @@ and ports must agree between the services that talk to each other.
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import re
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -266,67 +264,3 @@ def test_setup_runs_before_servers(services: dict) -> None:
 def _bluebook_type() -> type:
     module = pytest.importorskip("mailstack.bluebook.config", reason="the Blue Book package is not on main yet")
     return module.BlueBookConfig
-
-
-# The setup scripts, run here against local files -------------------------------------------
-
-
-def _script_environment(tmp_path: Path) -> dict[str, str]:
-    """Return an environment where `mailstack` and `python` are this interpreter's."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    for name, target in (("mailstack", f'exec "{sys.executable}" -m mailstack "$@"'), ("python", f'exec "{sys.executable}" "$@"')):
-        shim = bin_dir / name
-        shim.write_text(f"#!/bin/sh\n{target}\n")
-        shim.chmod(0o755)
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("MAILSTACK_")}
-    environment["PATH"] = f"{bin_dir}{os.pathsep}{environment['PATH']}"
-    return environment
-
-
-def test_register_domain_twice(tmp_path: Path) -> None:
-    _bluebook_type()
-    config = tmp_path / "bluebook.toml"
-    config.write_text('[server]\nlisten = ["127.0.8.250"]\ndata_dir = "data"\n')
-    environment = _script_environment(tmp_path)
-    command = ["sh", str(DOCKER_DIR / "register-domain.sh"), str(config), "here.test", "mail.here.test", "172.31.53.10", "msa.here.test", "172.31.53.11"]
-    first = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=60)
-    assert first.returncode == 0, first.stderr
-    assert "add done" in first.stdout
-    command[5] = "172.31.53.12"
-    second = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=60)
-    assert second.returncode == 0, second.stderr
-    assert "update done" in second.stdout
-
-    shown = subprocess.run(
-        [sys.executable, "-m", "mailstack", "bluebook", "show", "here.test", "--json", "--config", str(config)],
-        capture_output=True, text=True, env=environment, timeout=60,
-    )
-    assert shown.returncode == 0, shown.stderr
-    records = {(r["name"], r["type"], r["data"]) for r in json.loads(shown.stdout)["records"]}
-    assert ("here.test.", "MX", "10 mail.here.test.") in records
-    assert ("mail.here.test.", "A", "172.31.53.12") in records
-    assert ("mail.here.test.", "A", "172.31.53.10") not in records
-    assert ("msa.here.test.", "A", "172.31.53.11") in records
-    assert ("_submission._tcp.here.test.", "SRV", "0 1 587 msa.here.test.") in records
-
-
-def test_setup_account_twice(tmp_path: Path) -> None:
-    config = tmp_path / "here.toml"
-    config.write_text('[server]\ndomains = ["here.test"]\nhostname = "mail.here.test"\nlisten = ["0.0.0.0"]\ndata_dir = "data"\n')
-    environment = _script_environment(tmp_path)
-    environment["PASSWORD_DIR"] = str(tmp_path)
-    command = ["sh", str(DOCKER_DIR / "setup-account.sh"), "alice@here.test", str(config)]
-    first = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=60)
-    assert first.returncode == 0, first.stderr
-    assert "account alice@here.test created" in first.stdout
-    password_file = tmp_path / "alice@here.test.password"
-    assert password_file.stat().st_mode & 0o077 == 0
-    password = password_file.read_text().strip()
-    assert len(password) >= 16
-    assert (tmp_path / "data" / "tls" / "server.pem").is_file()
-
-    second = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=60)
-    assert second.returncode == 0, second.stderr
-    assert "account alice@here.test exists" in second.stdout
-    assert password_file.read_text().strip() == password
