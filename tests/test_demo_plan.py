@@ -230,3 +230,12 @@ def test_sigint_during_setup_leaves_nothing(tmp_path: Path) -> None:
     assert "mailstack demo: stopped" in errors
     assert _processes_mentioning(str(data_dir)) == []
     assert not (data_dir / "world.json").exists()
+
+
+def test_stale_world_file_removed(tmp_path: Path) -> None:
+    world = plan.plan_world(tmp_path / "demo", ADDRESSES, 30000)
+    os.close(world_module.prepare_data_dir(world, fresh=False))
+    # A demo killed with SIGKILL cannot remove its world.json.
+    world.world_file.write_text('{"servers": {}}')
+    os.close(world_module.prepare_data_dir(world, fresh=False))
+    assert not world.world_file.exists()

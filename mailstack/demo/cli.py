@@ -39,7 +39,7 @@ KILL_MARGIN = 5.0
 
 
 class Interrupted(Exception):
-    """SIGINT or SIGTERM arrived before the world was ready."""
+    """SIGINT or SIGTERM arrived while the check was running."""
 
 
 def _echo_now(text: str) -> None:
@@ -56,6 +56,7 @@ async def _run(
     check: bool,
     timeout: float,
     stop: asyncio.Event,
+    ready: asyncio.Event,
     locks: list[int],
 ) -> int:
     locks.append(world_module.prepare_data_dir(world, fresh))
@@ -69,6 +70,7 @@ async def _run(
     children = await world_module.start_servers(world, supervisor)
     await world_module.wait_until_ready(world, supervisor, timeout)
     description = world_module.write_world_file(world, secrets_document, children)
+    ready.set()
     log.info("every server responded %.2f s after start", time.monotonic() - started)
 
     if check:
@@ -107,10 +109,11 @@ async def run_demo(world: World, *, fresh: bool, check: bool, timeout: float, si
     loop = asyncio.get_running_loop()
     supervisor = Supervisor(sink)
     stop = asyncio.Event()
+    ready = asyncio.Event()
     # The data folder's lock, released only after every child has stopped.
     locks: list[int] = []
     work = asyncio.create_task(
-        _run(world, supervisor, fresh=fresh, check=check, timeout=timeout, stop=stop, locks=locks)
+        _run(world, supervisor, fresh=fresh, check=check, timeout=timeout, stop=stop, ready=ready, locks=locks)
     )
 
     def on_signal(signum: int) -> None:
@@ -119,7 +122,8 @@ async def run_demo(world: World, *, fresh: bool, check: bool, timeout: float, si
             return
         log.info("%s received; stopping the demo", signal.Signals(signum).name)
         stop.set()
-        if not world.world_file.exists():
+        # Until the world is ready, stopping means abandoning the start-up.
+        if not ready.is_set():
             work.cancel()
 
     for signum in (signal.SIGINT, signal.SIGTERM):

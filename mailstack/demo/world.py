@@ -69,6 +69,8 @@ def prepare_data_dir(world: World, fresh: bool) -> int:
         raise WorldError(f"another `mailstack demo` is using {data_dir}; stop it first, or choose another --data folder") from None
     os.ftruncate(descriptor, 0)
     os.write(descriptor, b"This folder holds the data of `mailstack demo`.\n")
+    # A world.json left by a demo that was killed describes servers that are gone.
+    world.world_file.unlink(missing_ok=True)
 
     if fresh:
         # The marker stays: deleting it would release the lock to a second demo.
