@@ -240,3 +240,53 @@ async def test_second_local_domain_accepted(server):
     await server.store.create_account("dave@other.here.test", "pw")
     replies = await dialogue(["MAIL FROM:<carol@there.test>", "RCPT TO:<DAVE@Other.Here.Test>"])
     assert replies[1][0] == 250
+
+
+async def test_long_line_rejected_after_dot(server):
+    def run():
+        with smtplib.SMTP(HOST, PORT, local_hostname="client.there.test", timeout=10) as client:
+            client.ehlo()
+            client.mail("carol@there.test")
+            client.rcpt("bob@here.test")
+            reply = client.data(b"Subject: long\r\n\r\n" + b"z" * 1200 + b"\r\nend\r\n")
+            return reply, client.noop()
+
+    (code, text), noop = await asyncio.to_thread(run)
+    assert code == 500
+    assert text.startswith(b"5.5.2")
+    assert noop[0] == 250
+    assert await stored_messages(server.store, server.bob.id) == []
+
+
+async def test_store_failure_gets_451_and_no_250(server, monkeypatch):
+    async def broken(data, account_ids):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(server.store, "deliver_local", broken)
+
+    def run():
+        with smtplib.SMTP(HOST, PORT, local_hostname="client.there.test", timeout=10) as client:
+            client.ehlo()
+            client.mail("carol@there.test")
+            client.rcpt("bob@here.test")
+            return client.data(MESSAGE)
+
+    code, text = await asyncio.to_thread(run)
+    assert code == 451
+    assert text.startswith(b"4.3.0 Internal error, reference ")
+    assert b"disk full" not in text
+
+
+async def test_smtputf8_recipient(server):
+    jorg = await server.store.create_account("jörg@here.test", "pw")
+    body = "From: carol@there.test\r\nTo: jörg@here.test\r\nSubject: Grüße\r\n\r\nHallo.\r\n".encode()
+
+    def run():
+        with smtplib.SMTP(HOST, PORT, local_hostname="client.there.test", timeout=10) as client:
+            client.ehlo()
+            return client.sendmail("carol@there.test", ["jörg@here.test"], body, mail_options=["SMTPUTF8"])
+
+    assert await asyncio.to_thread(run) == {}
+    (data,) = await stored_messages(server.store, jorg.id)
+    assert b"with UTF8SMTP id " in data
+    assert data.endswith(body)
