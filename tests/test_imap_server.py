@@ -1075,3 +1075,26 @@ async def test_hostile_input_gets_bad_not_crash(harness):
     for line, reply in zip(hostile, replies):
         assert b" BAD " in reply or b" NO " in reply, (line, reply)
     assert after[-1] == b"z OK NOOP completed"
+
+
+async def test_fetch_and_search_in_size_bounded_batches(harness, monkeypatch):
+    from mailstack.imap import search as search_module
+    from mailstack.imap import session as session_module
+
+    # Limits below one message: every message is read in a batch of its own.
+    monkeypatch.setattr(session_module, "FETCH_BATCH_BYTES", 10)
+    monkeypatch.setattr(search_module, "CONTENT_BATCH_BYTES", 10)
+    await fill(harness, 5)
+
+    def check():
+        client = harness.login()
+        client.select("INBOX")
+        fetched = client.fetch("1:5", "(BODY.PEEK[])")
+        found = client.search(None, "TEXT", "message 4")
+        client.logout()
+        return fetched, found
+
+    fetched, found = await run(check)
+    bodies = [item[1] for item in fetched[1] if isinstance(item, tuple)]
+    assert bodies == [message(number) for number in range(1, 6)]
+    assert found[1] == [b"4"]

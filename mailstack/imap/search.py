@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 # one BETWEEN term per range would exceed SQLite's expression depth.
 MAX_SQL_RANGES = 50
 CONTENT_BATCH = 200
+CONTENT_BATCH_BYTES = 16 * 1024 * 1024
 
 
 @dataclass
@@ -293,11 +294,9 @@ async def search(store, view: MailboxView, key: c.SearchKey) -> list[int]:
         )
 
     matched: list[int] = []
-    # Content is read in batches, so a TEXT search over a large mailbox holds
-    # only one batch of messages in memory at a time.
-    batch = CONTENT_BATCH if content else max(len(candidates), 1)
-    for start in range(0, len(candidates), batch):
-        chunk = candidates[start : start + batch]
+    # Content is read in batches of at most CONTENT_BATCH messages and about
+    # CONTENT_BATCH_BYTES, so a TEXT search over a large mailbox holds one batch at a time.
+    for chunk in _batches(candidates, CONTENT_BATCH if content else len(candidates) or 1):
         if content:
             await _load_content(store, view.mailbox_id, chunk)
         for candidate in chunk:
@@ -305,6 +304,18 @@ async def search(store, view: MailboxView, key: c.SearchKey) -> list[int]:
                 matched.append(candidate.uid)
             candidate.release()
     return matched
+
+
+def _batches(candidates: list[Candidate], count: int) -> list[list[Candidate]]:
+    batches: list[list[Candidate]] = []
+    total = 0
+    for candidate in candidates:
+        if not batches or len(batches[-1]) >= count or total + candidate.size > CONTENT_BATCH_BYTES:
+            batches.append([])
+            total = 0
+        batches[-1].append(candidate)
+        total += candidate.size
+    return batches
 
 
 async def _load_content(store, mailbox_id: int, chunk: list[Candidate]) -> None:

@@ -49,8 +49,9 @@ except importlib.metadata.PackageNotFoundError:  # running from a source tree wi
 
 DELIMITER = "/"
 MAX_MAILBOX_NAME = 1000
-# Messages whose content is read from the store in one query during FETCH.
+# Most messages, and most bytes of them, whose content FETCH reads in one query.
 FETCH_BATCH = 250
+FETCH_BATCH_BYTES = 16 * 1024 * 1024
 SPECIAL_USE_ATTRIBUTES = ("\\All", "\\Archive", "\\Drafts", "\\Flagged", "\\Junk", "\\Sent", "\\Trash")
 SYSTEM_FLAG_LIST = ["\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft"]
 
@@ -697,9 +698,7 @@ class Session:
                 changed = await self.store.store_flags(view.mailbox_id, unseen, FlagMode.ADD, int(Flag.SEEN))
                 view.record_own_changes(changed)
                 seen_changes = {state.uid: state for state in changed}
-        batch_size = FETCH_BATCH if renderer.needs_content else len(uids)
-        for start in range(0, len(uids), batch_size):
-            batch = uids[start : start + batch_size]
+        for batch in await self._fetch_batches(view, uids, renderer.needs_content):
             messages = await self.store.fetch_messages(
                 view.mailbox_id, batch, content=renderer.needs_content, details=renderer.needs_details
             )
@@ -709,6 +708,27 @@ class Session:
                     self.emit(renderer.render(sequence_number, message, seen_changes.get(message.uid)))
             await self._drain()
         return self.ok(command)
+
+    async def _fetch_batches(self, view: MailboxView, uids: list[int], content: bool) -> list[list[int]]:
+        """Split UIDs into batches whose content fits in memory: FETCH_BATCH messages or FETCH_BATCH_BYTES.
+
+        Without content one batch is enough. With content, the sizes are read
+        first, so a FETCH of many large messages never holds more than about
+        FETCH_BATCH_BYTES of them (or one message, when it alone is larger).
+        """
+        if not content:
+            return [uids]
+        sizes = {m.uid: m.size or 0 for m in await self.store.fetch_messages(view.mailbox_id, uids)}
+        batches: list[list[int]] = [[]]
+        total = 0
+        for uid in uids:
+            size = sizes.get(uid, 0)
+            if batches[-1] and (len(batches[-1]) >= FETCH_BATCH or total + size > FETCH_BATCH_BYTES):
+                batches.append([])
+                total = 0
+            batches[-1].append(uid)
+            total += size
+        return batches
 
     async def do_store(self, command: c.Store) -> bytes:
         view = self._require_writable("STORE")
