@@ -380,6 +380,28 @@ def test_printed_python_reads_inbox(demo: Demo, world: dict[str, Any]) -> None:
     assert "Subject: For python" in result.stdout
 
 
+@pytest.mark.skipif(shutil.which("mutt") is None, reason="mutt is not installed")
+def test_printed_mutt_settings_send(demo: Demo, world: dict[str, Any], tmp_path: Path) -> None:
+    start = next(i for i, line in enumerate(demo.output) if line.startswith("mutt (as alice"))
+    settings = []
+    for line in demo.output[start + 1:]:
+        if not line.strip():
+            break
+        settings.append(line.strip())
+    muttrc = tmp_path / "muttrc"
+    muttrc.write_text("\n".join(settings) + "\n")
+    subject = f"mutt {uuid.uuid4()}"
+    # Batch mode sends through smtp_url and fails instead of prompting if the CA is not trusted.
+    result = subprocess.run(
+        ["mutt", "-n", "-F", str(muttrc), "-s", subject, "bob@there.test"],
+        input="sent by mutt\n", capture_output=True, text=True, timeout=60,
+        env={**os.environ, "HOME": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    received = wait_for(world, "bob@there.test", lambda message: message["Subject"] == subject)
+    assert received["From"].addresses[0].addr_spec == "alice@here.test"
+
+
 def test_healthcheck_probes_world(world: dict[str, Any]) -> None:
     here = world["servers"]["here.test"]
     bluebook = world["bluebook"]
