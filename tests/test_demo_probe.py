@@ -114,3 +114,28 @@ def test_healthcheck_usage_error() -> None:
     result = subprocess.run([sys.executable, "-m", "mailstack.demo.probe", "smtp"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "usage:" in result.stderr
+
+
+def test_healthcheck_runs_several_probes() -> None:
+    async def run() -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
+        smtp, smtp_port, _ = await scripted_server(b"220 ready\r\n", {b"QUIT": b"221 bye\r\n"})
+        imap, imap_port, _ = await scripted_server(b"* OK ready\r\n", {b"p1 LOGOUT": b"p1 OK bye\r\n"})
+        async with smtp, imap:
+            both = await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, "-m", "mailstack.demo.probe", "smtp", ADDRESS, f"{smtp_port},", "imap", ADDRESS, str(imap_port)],
+                capture_output=True, text=True, timeout=30,
+            )
+            # The second probe asks the SMTP server for an IMAP greeting, so the whole check fails.
+            wrong = await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, "-m", "mailstack.demo.probe", f"smtp {ADDRESS} {smtp_port}, imap {ADDRESS} {smtp_port}"],
+                capture_output=True, text=True, timeout=30,
+            )
+        return both, wrong
+
+    both, wrong = asyncio.run(run())
+    assert both.returncode == 0, both.stderr
+    assert both.stdout.splitlines() == ["220 ready", "* OK ready"]
+    assert wrong.returncode == 1
+    assert "expected an IMAP '* OK' greeting" in wrong.stderr

@@ -58,8 +58,8 @@ def _address(service: dict) -> str:
     return service["networks"]["mail"]["ipv4_address"]
 
 
-def _probe(service: dict) -> list[str]:
-    return service["environment"]["HEALTHCHECK_PROBE"].split()
+def _probes(service: dict) -> list[list[str]]:
+    return [probe.split() for probe in service["environment"]["HEALTHCHECK_PROBE"].split(",")]
 
 
 def _environment(service: dict) -> dict[str, str]:
@@ -215,7 +215,7 @@ def test_bluebook_points_at_containers(services: dict) -> None:
 
 def test_healthchecks_probe_configured_ports(services: dict) -> None:
     bluebook = services["bluebook"]
-    kind, host, port, zone = _probe(bluebook)
+    [(kind, host, port, zone)] = _probes(bluebook)
     bluebook_config = config_module.load(_bluebook_type(), _config_path(bluebook))
     assert kind == "dns"
     assert host in bluebook_config.server.listen
@@ -223,10 +223,15 @@ def test_healthchecks_probe_configured_ports(services: dict) -> None:
     assert zone in DOMAINS
     for domain in ("here", "there"):
         msa = _load_mail_config(services[f"{domain}-msa"])
-        kind, _, port = _probe(services[f"{domain}-msa"])
-        assert (kind, int(port)) in {("smtp", msa.submission.port), ("imap", msa.imap.port)}
+        probed = {(kind, int(port)) for kind, _, port in _probes(services[f"{domain}-msa"])}
+        assert probed == {
+            ("smtp", msa.submission.port),
+            ("smtps", msa.submission.tls_port),
+            ("imap", msa.imap.port),
+            ("imaps", msa.imap.tls_port),
+        }
         mta = _load_mail_config(services[f"{domain}-mta"])
-        kind, _, port = _probe(services[f"{domain}-mta"])
+        [(kind, _, port)] = _probes(services[f"{domain}-mta"])
         assert (kind, int(port)) == ("smtp", mta.transfer.port)
 
 

@@ -163,10 +163,9 @@ class Topology:
         """Run each service's healthcheck, as Docker would, until it passes."""
         deadline = time.monotonic() + TIMEOUT
         for name in SERVER_SERVICES:
-            probe = _map_addresses(self.services[name]["environment"]["HEALTHCHECK_PROBE"]).split()
-            if probe[1] == "127.0.0.1":
-                # Inside a container 127.0.0.1 reaches the service; here its own address does.
-                probe[1] = self.address(name)
+            # Inside a container 127.0.0.1 reaches the service; here its own address does.
+            probe = self.services[name]["environment"]["HEALTHCHECK_PROBE"].replace("127.0.0.1", self.address(name))
+            probe = _map_addresses(probe).split()
             while True:
                 assert self.processes[name].poll() is None, f"{name} exited:\n{self.log(name)}"
                 result = subprocess.run(

@@ -8,6 +8,7 @@ SOA answer from the Blue Book. The Docker healthchecks run this module:
     python -m mailstack.demo.probe smtp 127.0.0.1 25
     python -m mailstack.demo.probe imaps 127.0.0.1 993
     python -m mailstack.demo.probe dns 127.0.0.1 53 here.test
+    python -m mailstack.demo.probe smtp 127.0.0.1 587, imaps 127.0.0.1 993
 """
 
 from __future__ import annotations
@@ -138,18 +139,41 @@ async def _main(arguments: list[str]) -> str:
     raise ProbeError(f"unknown probe {kind!r}; use smtp, smtps, imap, imaps or dns")
 
 
+def _split_probes(arguments: list[str]) -> list[list[str]]:
+    """Split ``smtp H 587 , imap H 143`` (commas may touch the words) into one list per probe."""
+    probes: list[list[str]] = [[]]
+    for word in " ".join(arguments).replace(",", " , ").split():
+        if word == ",":
+            probes.append([])
+        else:
+            probes[-1].append(word)
+    return [probe for probe in probes if probe]
+
+
+async def _run_all(probes: list[list[str]]) -> list[str]:
+    return [await _main(probe) for probe in probes]
+
+
 def main(arguments: list[str] | None = None) -> int:
-    """Run one probe from the command line; exit 0 when the server answered correctly."""
+    """Run the probes given on the command line; exit 0 when every server responded correctly.
+
+    Several probes are separated by commas, for example ``smtp H 587, imap H 143``.
+    """
     arguments = sys.argv[1:] if arguments is None else arguments
-    if len(arguments) < 3:
-        print("usage: python -m mailstack.demo.probe smtp|smtps|imap|imaps|dns HOST PORT [ZONE]", file=sys.stderr)
+    probes = _split_probes(arguments)
+    if not probes or any(len(probe) < 3 for probe in probes):
+        print(
+            "usage: python -m mailstack.demo.probe smtp|smtps|imap|imaps|dns HOST PORT [ZONE] [, PROBE ...]",
+            file=sys.stderr,
+        )
         return 2
     try:
-        answer = asyncio.run(asyncio.wait_for(_main(arguments), 10.0))
+        answers = asyncio.run(asyncio.wait_for(_run_all(probes), 10.0))
     except (OSError, ProbeError, asyncio.TimeoutError, ValueError, dns.exception.DNSException) as exc:
         print(f"unhealthy: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    print(answer)
+    for answer in answers:
+        print(answer)
     return 0
 
 
