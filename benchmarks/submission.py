@@ -34,6 +34,7 @@ from pathlib import Path
 
 HOST = "127.0.4.50"
 PORT = 10587
+NOOP_PORT = 10588
 SENDER = "alice@bench.test"
 RECIPIENT = "bob@bench.test"
 POLICY_RC = Path("/usr/sbin/policy-rc.d")
@@ -125,10 +126,29 @@ def count_messages(database: Path) -> int:
         return connection.execute("SELECT count(*) FROM messages").fetchone()[0]
 
 
-def run_one(smtp_source: str, database: Path, sessions: int, size: int, messages: int, reuse: bool) -> float:
-    before = count_messages(database)
+class NoopHandler:
+    """aiosmtpd handler that accepts every message and stores nothing: the protocol's own cost."""
+
+    async def handle_DATA(self, server, session, envelope):
+        return "250 2.0.0 OK"
+
+
+def start_noop_server():
+    import logging
+
+    from aiosmtpd.controller import Controller
+
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    controller = Controller(NoopHandler(), hostname=HOST, port=NOOP_PORT)
+    controller.start()
+    return controller
+
+
+def run_one(smtp_source: str, database: Path | None, sessions: int, size: int, messages: int, reuse: bool,
+            port: int = PORT) -> float:
+    before = count_messages(database) if database else 0
     command = [smtp_source, "-s", str(sessions), "-m", str(messages), "-l", str(size),
-               "-f", SENDER, "-t", RECIPIENT, "-S", "bench", f"{HOST}:{PORT}"]
+               "-f", SENDER, "-t", RECIPIENT, "-S", "bench", f"{HOST}:{port}"]
     if reuse:
         command.insert(1, "-d")
     started = time.perf_counter()
@@ -136,7 +156,7 @@ def run_one(smtp_source: str, database: Path, sessions: int, size: int, messages
     elapsed = time.perf_counter() - started
     if result.returncode != 0:
         sys.exit(f"smtp-source failed ({result.returncode}): {result.stderr.decode(errors='replace')[-500:]}")
-    stored = count_messages(database) - before
+    stored = count_messages(database) - before if database else messages
     if stored != messages:
         sys.exit(f"{messages} messages sent but {stored} stored")
     return messages / elapsed
@@ -148,6 +168,7 @@ def main() -> None:
     parser.add_argument("--sessions", default="1,10,50", help="parallel sessions, comma-separated")
     parser.add_argument("--sizes", default="1024,102400", help="body sizes in bytes, comma-separated")
     parser.add_argument("--reuse", action="store_true", help="smtp-source -d: many messages per connection")
+    parser.add_argument("--baseline", action="store_true", help="also measure a no-op aiosmtpd handler in this process")
     args = parser.parse_args()
     smtp_source = ensure_smtp_source()
 
@@ -162,14 +183,21 @@ def main() -> None:
         try:
             wait_for_port(process, time.monotonic() + 30)
             database = data_dir / "mailstack.db"
-            print(f"| body | sessions | messages | msg/s |{' (one connection per session)' if args.reuse else ''}")
-            print("| --- | --- | --- | --- |")
+            noop = start_noop_server() if args.baseline else None
+            print(f"| body | sessions | messages | mailstack msg/s | no-op aiosmtpd msg/s |"
+                  f"{' (one connection per session)' if args.reuse else ''}")
+            print("| --- | --- | --- | --- | --- |")
             for size in (int(s) for s in args.sizes.split(",")):
                 for sessions in (int(s) for s in args.sessions.split(",")):
                     # 100 KB runs move 100 times the data; keep them bounded in time too.
                     count = args.messages if size <= 10_000 else max(args.messages // 2, sessions)
                     rate = run_one(smtp_source, database, sessions, size, count, args.reuse)
-                    print(f"| {size // 1024} KB | {sessions} | {count} | {rate:.0f} |", flush=True)
+                    baseline = "-"
+                    if noop is not None:
+                        baseline = f"{run_one(smtp_source, None, sessions, size, count, args.reuse, NOOP_PORT):.0f}"
+                    print(f"| {size // 1024} KB | {sessions} | {count} | {rate:.0f} | {baseline} |", flush=True)
+            if noop is not None:
+                noop.stop()
         finally:
             process.terminate()
             try:

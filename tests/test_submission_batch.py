@@ -12,6 +12,20 @@ from mailstack.store.batch import SubmitBatcher
 from mailstack.store.models import Delivery
 
 
+@pytest.fixture(params=["sqlite-thread", "async-engine"])
+def make_batcher(request):
+    """Build a batcher on the SQLite worker thread, or on the store's async engine as for PostgreSQL."""
+
+    def build(store: Store) -> SubmitBatcher:
+        batcher = SubmitBatcher(store)
+        if request.param == "async-engine":
+            batcher._sqlite.close()
+            batcher._sqlite = None
+        return batcher
+
+    return build
+
+
 @pytest.fixture
 async def store(tmp_path):
     store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'mail.db'}")
@@ -20,10 +34,10 @@ async def store(tmp_path):
     await store.close()
 
 
-async def test_concurrent_submissions_share_transactions(store):
+async def test_concurrent_submissions_share_transactions(store, make_batcher):
     alice = await store.create_account("alice@here.test", "pw-alice-1")
     bob = await store.create_account("bob@here.test", "pw-bob-1")
-    batcher = SubmitBatcher(store)
+    batcher = make_batcher(store)
     woken = asyncio.Event()
     store.add_queue_listener(woken.set)
 
@@ -49,12 +63,12 @@ async def test_concurrent_submissions_share_transactions(store):
     assert [row[0] for row in uids] == list(range(1, 41))
 
 
-async def test_failing_submission_does_not_sink_the_batch(store):
+async def test_failing_submission_does_not_sink_the_batch(store, make_batcher):
     alice = await store.create_account("alice@here.test", "pw-alice-1")
     carol = await store.create_account("carol@here.test", "pw-carol-1")
     async with store.write() as session:
         await session.execute(text("DELETE FROM mailboxes WHERE account_id = :a AND name = 'Outbox'"), {"a": carol.id})
-    batcher = SubmitBatcher(store)
+    batcher = make_batcher(store)
 
     def submit(account_id: int, sender: str):
         return batcher.submit(

@@ -6,8 +6,10 @@ import asyncio
 import datetime as dt
 import ipaddress
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -27,9 +29,37 @@ LITERAL_REJECTED = Reply(550, "5.1.2", "Recipient address rejected: address lite
 AUTH_LOCKED = Reply(421, "4.7.0", "Too many failed authentications; try again later", close=True)
 COMMIT_FAILED = Reply(451, "4.3.0", "Message not stored because of a local error; try again later")
 
+# How long the answers of the account and domain lookups made at MAIL and RCPT
+# are reused. A new or removed account or domain takes effect after at most
+# this long; like Postfix's lookup caches, it spares the database the same
+# question for every message of a busy sender.
+LOOKUP_CACHE_SECONDS = 2.0
+
 # Writes the message and its queue entries in one transaction and returns the
 # queue id; the arguments are those of Store.submit.
 SubmitFunction = Callable[..., Awaitable[str]]
+
+
+class LookupCache:
+    """Answers of store lookups kept for ``ttl`` seconds, by key; bounded in size."""
+
+    def __init__(self, ttl: float, *, max_entries: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self.clock = clock
+        self._entries: dict[tuple, tuple[float, Any]] = {}
+
+    async def get(self, key: tuple, load: Callable[[], Awaitable[Any]]) -> Any:
+        now = self.clock()
+        found = self._entries.get(key)
+        if found is not None and found[0] > now:
+            return found[1]
+        value = await load()
+        if self.ttl > 0:
+            if len(self._entries) >= self.max_entries:
+                self._entries.clear()
+            self._entries[key] = (now + self.ttl, value)
+        return value
 
 
 @dataclass(frozen=True)
@@ -52,6 +82,7 @@ class SubmissionHandler(SMTPHandler):
         trusted_networks: tuple[str, ...] = (),
         submit: SubmitFunction | None = None,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc),
+        lookup_cache_seconds: float = LOOKUP_CACHE_SECONDS,
     ) -> None:
         self.store = store
         self.hostname = hostname
@@ -59,6 +90,7 @@ class SubmissionHandler(SMTPHandler):
         self.trusted_networks = [ipaddress.ip_network(network, strict=False) for network in trusted_networks]
         self.submit = submit or store.submit
         self.clock = clock
+        self.lookups = LookupCache(lookup_cache_seconds)
 
     def is_trusted(self, client_address: str) -> bool:
         if not self.trusted_networks:
@@ -97,14 +129,18 @@ class SubmissionHandler(SMTPHandler):
             raise SMTPError(NULL_SENDER_REJECTED)
         identity = session.auth_data if session.authenticated else None
         if isinstance(identity, Identity):
-            if not await self.store.may_send_as(identity.account_id, path.address):
+            allowed = await self.lookups.get(
+                ("send-as", identity.account_id, path.address.lower()),
+                lambda: self.store.may_send_as(identity.account_id, path.address),
+            )
+            if not allowed:
                 raise SMTPError(SENDER_NOT_OWNED, f"{identity.address} may not send as {path.address}")
             envelope.notes["account_id"] = identity.account_id
         elif session.trusted:
-            account = await self.store.resolve_recipient(path.address)
-            if account is None:
+            account_id = await self._account_for(path.address)
+            if account_id is None:
                 raise SMTPError(SENDER_UNKNOWN, f"trusted client used unknown sender {path.address}")
-            envelope.notes["account_id"] = account.id
+            envelope.notes["account_id"] = account_id
         else:
             # The listener's require_auth makes this unreachable; refuse anyway.
             raise SMTPError(Reply(530, "5.7.0", "Authentication required"))
@@ -120,15 +156,12 @@ class SubmissionHandler(SMTPHandler):
             address = f"postmaster@{domain}"
         if domain.startswith("["):
             raise SMTPError(LITERAL_REJECTED)
-        try:
-            local = await self.store.is_local_domain(domain)
-        except AddressError:
-            local = False
+        local = await self.lookups.get(("domain", domain.lower()), lambda: self.store.is_local_domain(domain))
         if local:
-            account = await self.store.resolve_recipient(address)
-            if account is None:
+            account_id = await self._account_for(address)
+            if account_id is None:
                 raise SMTPError(USER_UNKNOWN, f"unknown local recipient {address}")
-            envelope.notes["local"].add(account.id)
+            envelope.notes["local"].add(account_id)
             return
         try:
             split_address(address)
@@ -137,6 +170,13 @@ class SubmissionHandler(SMTPHandler):
             raise SMTPError(Reply(553, "5.1.3", "Recipient address syntax not supported here"), address) from None
         if address not in envelope.notes["remote"]:
             envelope.notes["remote"].append(address)
+
+    async def _account_for(self, address: str) -> int | None:
+        async def load() -> int | None:
+            account = await self.store.resolve_recipient(address)
+            return account.id if account is not None else None
+
+        return await self.lookups.get(("account", address.lower()), load)
 
     # DATA -------------------------------------------------------------------
 
