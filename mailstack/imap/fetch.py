@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from mailstack.imap import commands as c
 from mailstack.imap import mime
 from mailstack.imap import response as r
-from mailstack.imap.view import flag_names
+from mailstack.imap.view import encoded_flags
 from mailstack.store.messages import MessageInfo, MessageState
 
 
@@ -43,7 +43,7 @@ class FetchRenderer:
         for attribute in self.attributes:
             item = attribute.item
             if item is c.FetchItem.FLAGS:
-                items.append(b"FLAGS " + r.flag_list(flag_names(flags, keywords)))
+                items.append(encoded_flags(flags, tuple(keywords)))
             elif item is c.FetchItem.INTERNALDATE:
                 items.append(b"INTERNALDATE " + r.date_time(message.internal_date))
             elif item is c.FetchItem.RFC822_SIZE:
@@ -73,5 +73,5 @@ class FetchRenderer:
                     items.append(b"BODY " + mime.body_structure(tree, extensible=False))
         if seen_change is not None and not self.wants_flags:
             # \Seen was set as a side effect, so the client must learn the new flags (RFC 3501 section 6.4.5).
-            items.append(b"FLAGS " + r.flag_list(flag_names(flags, keywords)))
+            items.append(encoded_flags(flags, tuple(keywords)))
         return r.fetch_response(sequence_number, items)

@@ -34,7 +34,7 @@ from mailstack.imap import response as r
 from mailstack.imap.fetch import FetchRenderer
 from mailstack.imap.search import search
 from mailstack.imap.throttle import LoginThrottle
-from mailstack.imap.view import MailboxView, Update, flag_names, split_flags
+from mailstack.imap.view import MailboxView, Update, encoded_flags, split_flags
 from mailstack.settings import IMAPSection
 from mailstack.store import INBOX, OUTBOX, AlreadyExists, NotFound, Store, StoreError, canonical_name
 from mailstack.store.messages import FlagMode, MessageState
@@ -287,7 +287,7 @@ class Session:
             self.emit(
                 r.fetch_response(
                     sequence_number,
-                    [b"UID %d" % state.uid, b"FLAGS " + r.flag_list(flag_names(state.flags, state.keywords))],
+                    [b"UID %d" % state.uid, encoded_flags(state.flags, state.keywords)],
                 )
             )
 
@@ -754,7 +754,7 @@ class Session:
                 state = view.states.get(uid)
                 if sequence_number is None or state is None:
                     continue
-                items = [b"FLAGS " + r.flag_list(flag_names(state.flags, state.keywords))]
+                items = [encoded_flags(state.flags, state.keywords)]
                 if command.uid:
                     items.append(b"UID %d" % uid)
                 self.emit(r.fetch_response(sequence_number, items))

@@ -11,9 +11,11 @@ the expunged messages keep their sequence numbers.
 from __future__ import annotations
 
 import bisect
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from mailstack.imap import response
 from mailstack.store.messages import MailboxChanges, MessageState
 from mailstack.store.models import SYSTEM_FLAG_NAMES, Flag
 
@@ -28,8 +30,10 @@ def flag_names(flags: int, keywords: Iterable[str] = ()) -> list[str]:
     return names
 
 
-def format_flags(flags: int, keywords: Iterable[str] = ()) -> str:
-    return "(" + " ".join(flag_names(flags, keywords)) + ")"
+@functools.lru_cache(maxsize=4096)
+def encoded_flags(flags: int, keywords: tuple[str, ...] = ()) -> bytes:
+    """Return ``FLAGS (...)`` for a FETCH response; cached, since most messages share a few flag sets."""
+    return b"FLAGS " + response.flag_list(flag_names(flags, keywords))
 
 
 def split_flags(names: Iterable[str]) -> tuple[int, list[str]]:

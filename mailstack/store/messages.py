@@ -362,7 +362,10 @@ class MessagesMixin(StoreBase):
                 else:
                     new_value = Message.flags.op("&")(~flags & ALL_SYSTEM_FLAGS)
                     differs = Message.flags.op("&")(flags) != 0
-                rows = await session.execute(
+                # On the session's connection: as an ORM statement the UPDATE would also
+                # run the ORM's bulk-update bookkeeping for every returned row.
+                connection = await session.connection()
+                rows = await connection.execute(
                     update(Message)
                     .where(Message.mailbox_id == mailbox_id, clause, differs)
                     .values(flags=new_value, modseq=modseq)
