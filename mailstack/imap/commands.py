@@ -416,7 +416,7 @@ class FetchAttribute:
     """One requested data item.
 
     ``section`` is set only for ``BODY[...]`` and ``BODY.PEEK[...]``; then
-    ``peek`` tells the PEEK form and ``partial`` is ``(origin, length)`` of
+    ``peek`` marks the PEEK form and ``partial`` is ``(origin, length)`` of
     ``<origin.length>``.
     """
 
@@ -519,7 +519,7 @@ class SearchFlag(SearchKey):
 
 
 class DateField(enum.Enum):
-    """Which date a date key compares: INTERNALDATE, or the Date: header (SENT*)."""
+    """The date that a date key compares: INTERNALDATE, or the Date: header for the SENT* keys."""
 
     INTERNAL = "INTERNAL"
     SENT = "SENT"

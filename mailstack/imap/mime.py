@@ -5,7 +5,8 @@ whatever arrived: bare LF line ends, missing boundaries, a Content-Type
 without a subtype, 8-bit header text, parts nested thousands deep. The
 rules are:
 
-- :func:`parse` never raises on message content. A header line without a
+- :func:`parse` never raises on message content (the fuzz target in
+  ``tests/fuzz_imap_parser.py`` and the hypothesis tests check this). A header line without a
   colon is kept in the raw header but ignored as a field; an invalid
   Content-Type counts as ``text/plain; charset=us-ascii`` (RFC 2045 section
   5.2); a multipart body without any delimiter line becomes one part holding
