@@ -94,12 +94,14 @@ def test_dsn_structure():
         ],
         now=NOW,
     )
+
     assert b"\r\n" in data
     assert b"\n" not in data.replace(b"\r\n", b"")
     message = email.message_from_bytes(data, policy=email.policy.default)
     assert message["Return-Path"] == "<>"
     assert message["To"].addresses[0].addr_spec == "a@here.test"
     assert message.get_content_type() == "multipart/report"
+
     parts = message.get_payload()
     assert [p.get_content_type() for p in parts] == ["text/plain", "message/delivery-status", "text/rfc822-headers"]
     blocks = parts[1].get_payload()

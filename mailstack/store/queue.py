@@ -209,8 +209,8 @@ class QueueMixin(StoreBase):
         the peer has the message, so sending it again would duplicate it. A
         held row stays held when its attempt was deferred.
 
-        Each notice goes into the INBOX of the account that queued the message;
-        a delay notice is stored only for the first warning of a message. Every
+        Each notice goes into the INBOX of the account that queued the message.
+        A delay notice is stored only for the first warning of a message. Every
         message whose deliveries are now all final leaves the Outbox and the
         queue. Returns the queue ids that left the queue.
         """
@@ -252,7 +252,7 @@ class QueueMixin(StoreBase):
             return None
         if result.state is not DeliveryState.DELIVERED and delivery.lease_owner != owner:
             log.warning(
-                "attempt result for delivery %s ignored: worker %s no longer holds its lease",
+                "attempt result for delivery %s ignored: worker %s no longer owns its lease",
                 result.delivery_id,
                 owner,
             )

@@ -1,7 +1,7 @@
 """`mailstack queue`: inspect and steer the relay queue, as `mailq` and `postqueue` do.
 
-The commands change the database only. A running server sees a flushed or
-released entry at its next scan, at most ``[transfer] scan_interval`` later.
+The commands change the database only. A running server picks up a flushed
+or released entry at its next scan, at most ``[transfer] scan_interval`` later.
 """
 
 from __future__ import annotations
