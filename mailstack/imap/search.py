@@ -265,7 +265,7 @@ async def search(store, view: MailboxView, key: c.SearchKey) -> list[int]:
     if not view.uids:
         return []
 
-    # Restrict to the messages the session knows, so unannounced new mail is not returned.
+    # Restrict to the messages announced to the session, so unannounced new mail is not returned.
     known = and_(Message.mailbox_id == view.mailbox_id, Message.uid <= view.uids[-1])
     where = and_(known, *sql_parts)
     if not python_parts:
@@ -295,7 +295,7 @@ async def search(store, view: MailboxView, key: c.SearchKey) -> list[int]:
 
     matched: list[int] = []
     # Content is read in batches of at most CONTENT_BATCH messages and about
-    # CONTENT_BATCH_BYTES, so a TEXT search over a large mailbox holds one batch at a time.
+    # CONTENT_BATCH_BYTES, so a TEXT search over a large mailbox keeps one batch in memory at a time.
     for chunk in _batches(candidates, CONTENT_BATCH if content else len(candidates) or 1):
         if content:
             await _load_content(store, view.mailbox_id, chunk)
