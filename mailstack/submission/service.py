@@ -54,7 +54,7 @@ async def start(context, stack: contextlib.AsyncExitStack) -> None:
     if not log.isEnabledFor(logging.DEBUG):
         # aiosmtpd logs every command line at INFO; the session log covers what matters.
         logging.getLogger("mail.log").setLevel(logging.WARNING)
-    batcher = SubmitBatcher(context.store)
+    batcher = SubmitBatcher(context.store, busy_timeout=config.store.busy_timeout)
     # The exit stack runs callbacks in reverse: sessions finish before the batcher stops.
     stack.push_async_callback(batcher.close)
     server = build_server(context, batcher)
