@@ -135,7 +135,8 @@ def test_serve_465_and_sigterm_shutdown(config):
         output, _ = process.communicate(timeout=30)
         assert process.returncode == 0, output
         assert "submission stopped" in output
-        assert "alice-pw-1" not in output and "bob-pw-1" not in output
+        assert "alice-pw-1" not in output
+        assert "bob-pw-1" not in output
     finally:
         if process.poll() is None:
             process.kill()

@@ -47,9 +47,9 @@ _LOGIN_PASSWORD_PROMPT = b"Password:"
 
 
 class SessionState(_AiosmtpdSession):
-    """What handlers learn about the connection; a new one starts after STARTTLS.
+    """Connection state passed to handler hooks; a new one starts after STARTTLS.
 
-    ``auth_data`` holds what :meth:`SMTPHandler.authenticate` returned.
+    ``auth_data`` contains what :meth:`SMTPHandler.authenticate` returned.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:

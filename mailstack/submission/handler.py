@@ -29,7 +29,7 @@ LITERAL_REJECTED = Reply(550, "5.1.2", "Recipient address rejected: address lite
 AUTH_LOCKED = Reply(421, "4.7.0", "Too many failed authentications; try again later", close=True)
 COMMIT_FAILED = Reply(451, "4.3.0", "Message not stored because of a local error; try again later")
 
-# How long the answers of the account and domain lookups made at MAIL and RCPT
+# How long the results of the account and domain lookups made at MAIL and RCPT
 # are reused. A new or removed account or domain takes effect after at most
 # this long; like Postfix's lookup caches, it spares the database the same
 # question for every message of a busy sender.
@@ -41,7 +41,7 @@ SubmitFunction = Callable[..., Awaitable[str]]
 
 
 class LookupCache:
-    """Answers of store lookups kept for ``ttl`` seconds, by key; bounded in size."""
+    """Results of store lookups kept for ``ttl`` seconds, by key; bounded in size."""
 
     def __init__(self, ttl: float, *, max_entries: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl = ttl
@@ -106,7 +106,7 @@ class SubmissionHandler(SMTPHandler):
     async def authenticate(self, session: SessionState, mechanism: str, username: str, password: str) -> Identity | None:
         if self.throttle.is_locked(session.client_address, username):
             log.warning(
-                "session %s: AUTH %s for %r from %s refused: too many recent failures",
+                "session %s: AUTH %s for %r from %s rejected: too many recent failures",
                 session.id, mechanism, username, session.client_address,
             )
             raise SMTPError(AUTH_LOCKED, "AUTH lockout")
