@@ -19,7 +19,9 @@ def present_fields(message: bytes) -> set[str]:
     is neither a field nor a folded continuation.
     """
     names: set[str] = set()
-    for line in message.split(b"\r\n"):
+    end = message.find(b"\r\n\r\n")
+    header_section = message if end < 0 else message[: end + 2]
+    for line in header_section.split(b"\r\n"):
         if not line:
             break
         if line[:1] in (b" ", b"\t"):
