@@ -604,3 +604,35 @@ async def test_relay_retries_when_cached_connection_drops_at_mail(store, resolve
     await runner.sender.close()
     assert peer.recipients() == ["bob@there.test", "carol@there.test"]
     assert await store.list_queue() == []
+
+
+async def test_runner_renews_leases_during_slow_attempt(store, resolver, clock):
+    renewed = asyncio.Event()
+    renew = store.renew_leases
+
+    async def observed_renew(*args, **kwargs):
+        count = await renew(*args, **kwargs)
+        renewed.set()
+        return count
+
+    store.renew_leases = observed_renew
+    peer = Peer(PEER_HOST, "there.test", port=PEER_PORT, stall_rcpt=True)
+    peer.start()
+    try:
+        runner = make_runner(store, resolver, clock)
+        runner.lease_time = 0.3
+        await submit(store, ["bob@there.test"])
+        attempt = asyncio.create_task(runner.run_once())
+        assert await asyncio.to_thread(peer.handler.stalled.wait, 10)
+        for _ in range(3):
+            renewed.clear()
+            clock.advance(0.25)
+            await asyncio.wait_for(renewed.wait(), 10)
+            # The first lease ended 0.3 s after the claim; renewal keeps the row away from others.
+            assert await store.claim_due("other-worker", 60) == []
+        peer.handler.release.set()
+        await asyncio.wait_for(attempt, 10)
+    finally:
+        peer.stop()
+    assert peer.recipients() == ["bob@there.test"]
+    assert await store.list_queue() == []

@@ -185,6 +185,21 @@ class QueueMixin(StoreBase):
             raise NotFound(f"queue id {queue_id} not found")
         return data
 
+    async def renew_leases(self, owner: str, delivery_ids: Sequence[int], lease_seconds: float) -> int:
+        """Extend ``owner``'s leases on pending rows to ``lease_seconds`` from now; return how many."""
+        expiry = self.clock() + dt.timedelta(seconds=lease_seconds)
+        async with self.write() as session:
+            result = await session.execute(
+                update(Delivery)
+                .where(
+                    Delivery.id.in_(list(delivery_ids)),
+                    Delivery.lease_owner == owner,
+                    Delivery.state.in_(PENDING_STATES + (DeliveryState.HELD.value,)),
+                )
+                .values(lease_expiry=expiry)
+            )
+        return result.rowcount or 0
+
     async def release_leases(self, owner: str) -> int:
         """Give back every lease ``owner`` holds, so other workers may retry at once."""
         async with self.write() as session:

@@ -194,6 +194,7 @@ class QueueRunner:
 
     async def _attempt_guarded(self, group: list[ClaimedDelivery]) -> None:
         first = group[0]
+        heartbeat = asyncio.create_task(self._keep_leases([delivery.id for delivery in group]))
         try:
             async with self._connections, self._per_domain[first.domain]:
                 await self._attempt(group)
@@ -206,6 +207,23 @@ class QueueRunner:
                 first.queue_id,
                 first.domain,
             )
+        finally:
+            heartbeat.cancel()
+
+    async def _keep_leases(self, delivery_ids: list[int]) -> None:
+        """Renew the group's leases every third of the lease time while its attempt runs.
+
+        A group may wait for a connection slot and then talk to a slow peer for
+        longer than one lease; without renewal another worker would start the
+        same recipients again.
+        """
+        interval = self.lease_time / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.store.renew_leases(self.owner, delivery_ids, self.lease_time)
+            except Exception:
+                log.exception("renewing the leases of deliveries %s failed; retrying", delivery_ids[:5])
 
     async def _attempt(self, group: list[ClaimedDelivery]) -> None:
         first = group[0]
