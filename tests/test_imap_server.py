@@ -1104,3 +1104,32 @@ async def test_fetch_and_search_in_size_bounded_batches(harness, monkeypatch):
     bodies = [item[1] for item in fetched[1] if isinstance(item, tuple)]
     assert bodies == [message(number) for number in range(1, 6)]
     assert found[1] == [b"4"]
+
+
+async def test_other_process_change_at_next_command(harness, tmp_path, monkeypatch):
+    from mailstack.imap import session as session_module
+
+    # With no wait between reads, the next command after the commit must report it.
+    monkeypatch.setattr(session_module, "RECHECK_INTERVAL", 0.0)
+    await fill(harness, 2)
+    other = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'mail.db'}")
+    try:
+        def select_only():
+            client = raw_connect(harness, login=True)
+            client.send(b"s SELECT INBOX\r\n")
+            client.until_tagged(b"s")
+            return client
+
+        client = await run(select_only)
+        inbox = await other.get_mailbox(harness.account_id, "INBOX")
+        await other.store_flags(inbox.id, [2], FlagMode.ADD, int(Flag.FLAGGED))
+        await other.append(inbox.id, message(3))
+
+        def noop():
+            client.send(b"n NOOP\r\n")
+            return client.until_tagged(b"n")
+
+        lines = await run(noop)
+    finally:
+        await other.close()
+    assert lines == [b"* 3 EXISTS", b"* 2 FETCH (UID 2 FLAGS (\\Flagged))", b"n OK NOOP completed"]

@@ -37,7 +37,7 @@ from mailstack.imap.throttle import LoginThrottle
 from mailstack.imap.view import MailboxView, Update, encoded_flags, split_flags
 from mailstack.settings import IMAPSection
 from mailstack.store import INBOX, OUTBOX, AlreadyExists, NotFound, Store, StoreError, canonical_name
-from mailstack.store.messages import FlagMode, MessageState
+from mailstack.store.messages import FlagMode, MailboxChanges, MessageState
 from mailstack.store.models import Flag
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,10 @@ except importlib.metadata.PackageNotFoundError:  # running from a source tree wi
 
 DELIMITER = "/"
 MAX_MAILBOX_NAME = 1000
+# Commits by other processes call no listener here, so after a command the store is read
+# again unless it was read less than this many seconds ago and no local commit touched
+# the mailbox. Changes by other processes thus reach a session at most this much later.
+RECHECK_INTERVAL = 0.5
 # Most messages, and most bytes of them, whose content FETCH reads in one query.
 FETCH_BATCH = 250
 FETCH_BATCH_BYTES = 16 * 1024 * 1024
@@ -203,6 +207,8 @@ class Session:
         self.username: str | None = None
         self.view: MailboxView | None = None
         self.changed = asyncio.Event()
+        # Loop time of the last read of the selected mailbox's changes from the store.
+        self.checked_at = 0.0
 
     # Capabilities -----------------------------------------------------------------
 
@@ -263,7 +269,18 @@ class Session:
         view = self.view
         if view is None:
             return False
+        now = asyncio.get_running_loop().time()
+        if not self.changed.is_set() and now - self.checked_at < RECHECK_INTERVAL:
+            # No commit in this process touched the mailbox, and the store was read moments
+            # ago: skip the query. Only expunges held back earlier may be due now.
+            if not (allow_expunge and view.pending_expunges):
+                return False
+            changes = MailboxChanges(view.modseq, view.uidnext, [], [])
+            update = view.apply(changes, allow_expunge=True)
+            self.emit_update(update)
+            return bool(update)
         self.changed.clear()
+        self.checked_at = now
         try:
             changes = await self.store.changes_since(view.mailbox_id, view.modseq)
         except NotFound:
@@ -400,6 +417,7 @@ class Session:
         )
         self.view = view
         self.state = State.SELECTED
+        self.checked_at = asyncio.get_running_loop().time()
         self.emit_flags()
         self.emit(b"* %d EXISTS\r\n* 0 RECENT\r\n" % view.exists)
         unseen = view.unseen_first()
