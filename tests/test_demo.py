@@ -260,7 +260,7 @@ def test_output_names_passwords_and_ca(demo: Demo, world: dict[str, Any]) -> Non
 
 def test_logs_tagged_per_server(demo: Demo) -> None:
     tags = {line.split("|", 1)[0].strip() for line in demo.log_file.read_text().splitlines() if "|" in line}
-    assert {"bluebook", "here.test", "there.test"} <= tags
+    assert {"demo", "bluebook", "here.test", "there.test"} <= tags
 
 
 # DNS --------------------------------------------------------------------------------------

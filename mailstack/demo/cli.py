@@ -28,7 +28,7 @@ from mailstack.demo.plan import (
     parse_addresses,
     plan_world,
 )
-from mailstack.demo.processes import ChildFailed, Supervisor
+from mailstack.demo.processes import TAG_WIDTH, ChildFailed, Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,16 @@ async def run_demo(world: World, *, fresh: bool, check: bool, timeout: float, si
         click.echo("mailstack demo: stopped", err=True)
 
 
+def _log_to_stream(sink: TextIO, *, json_format: bool) -> None:
+    """Send the demo's own log records to the merged stream, tagged like a server's lines."""
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(sink)
+            if not json_format:
+                handler.setFormatter(logging.Formatter(f"{'demo':<{TAG_WIDTH}}| {logs.TEXT_FORMAT}"))
+
+
 @click.command("demo")
 @click.option(
     "--data",
@@ -227,5 +237,6 @@ def demo(
 
     with contextlib.ExitStack() as files:
         sink = files.enter_context(log_file.open("a", encoding="utf-8")) if log_file else sys.stderr
+        _log_to_stream(sink, json_format=(obj.get("log_format") == "json"))
         status = asyncio.run(run_demo(world, fresh=fresh, check=check, timeout=timeout, sink=sink))
     sys.exit(status)

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
 # Lines of a child's output kept to explain why it exited early.
 TAIL_LINES = 30
+# Width of the tag column in the merged log stream ("there.test" and a space).
+TAG_WIDTH = 11
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
@@ -62,7 +64,7 @@ class ChildFailed(Exception):
 class Supervisor:
     """Start, watch and stop the demo's child processes; copy their output to ``sink``."""
 
-    def __init__(self, sink: TextIO, *, tag_width: int = 11) -> None:
+    def __init__(self, sink: TextIO, *, tag_width: int = TAG_WIDTH) -> None:
         self.sink = sink
         self.tag_width = tag_width
         self.children: list[Child] = []
