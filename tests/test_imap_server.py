@@ -1133,3 +1133,24 @@ async def test_other_process_change_at_next_command(harness, tmp_path, monkeypat
     finally:
         await other.close()
     assert lines == [b"* 3 EXISTS", b"* 2 FETCH (UID 2 FLAGS (\\Flagged))", b"n OK NOOP completed"]
+
+
+async def test_chained_literals_capped_per_command(harness):
+    def check():
+        client = raw_connect(harness)
+        chunk = b"x" * 6000
+        # Each literal is under the 8 KiB allowed before login, but together they are not.
+        client.send(b"a ID (\"k1\" {6000}\r\n")
+        replies = [client.line()]
+        client.send(chunk + b" \"k2\" {6000}\r\n")
+        replies.append(client.line())
+        client.send(chunk + b" \"k3\" {6000}\r\n")
+        replies.append(client.line())
+        client.send(b"b NOOP\r\n")
+        return replies, client.until_tagged(b"b")
+
+    replies, after = await run(check)
+    assert replies[0].startswith(b"+")
+    assert replies[1].startswith(b"+")
+    assert replies[2].startswith(b"a BAD")
+    assert after[-1] == b"b OK NOOP completed"

@@ -182,6 +182,7 @@ class Connection:
         self.bad_commands = 0
         self.busy = False
         self._literal_rejected = False
+        self._literal_total = 0
         self.parser = Parser(max_line_length=server.config.max_line_length)
         # Responses queued by the session; written in one call per flush, because each
         # transport write is a separate TLS record and system call.
@@ -243,6 +244,7 @@ class Connection:
             try:
                 event = self.parser.next_event()
             except r.ImapError as exc:
+                self._literal_total = 0
                 log.info("session %s: rejected command: %s", self.client.session_id, exc.text)
                 await self.reject(exc, exc.tag)
                 return None
@@ -253,13 +255,18 @@ class Connection:
                 await self.decide_literal(event)
                 if self.parser.pending_literal is None and self._literal_rejected:
                     self._literal_rejected = False
+                    self._literal_total = 0
                     return None
                 continue
+            self._literal_total = 0
             return event  # type: ignore[return-value]
 
     async def decide_literal(self, request: LiteralRequest) -> None:
         limit = self.literal_limit(request)
-        if request.size <= limit:
+        # One command may carry several literals; together they get twice the limit of one,
+        # so a chain of literals cannot fill memory either.
+        self._literal_total += request.size
+        if request.size <= limit and self._literal_total <= 2 * limit:
             self.parser.accept_literal()
             if request.synchronizing:
                 await self.send(r.continuation("ready for literal data"))
