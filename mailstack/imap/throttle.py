@@ -18,6 +18,9 @@ class LoginThrottle:
     oldest counted failure leaves the window. The delay before each failure
     reply doubles with every recent failure of the address, up to eight times
     ``delay``, so that one client cannot try passwords quickly.
+
+    NOTE: the counts live in this process, so several ``mailstack serve``
+    processes on one store each allow ``limit`` failures.
     """
 
     def __init__(
