@@ -194,8 +194,8 @@ class MailboxView:
                 update.fetches.append((0, state))
             self.states[state.uid] = state
             update.new_keywords |= self._learn_keywords(state.keywords)
-        if len(self.uids) != before or update.expunged:
-            update.exists = len(self.uids) if len(self.uids) != before else None
+        if len(self.uids) != before:
+            update.exists = len(self.uids)
         # Sequence numbers of flag changes are taken after expunges and new messages.
         update.fetches = [(self.sequence_of(state.uid) or 0, state) for _zero, state in update.fetches]
         self.modseq = max(self.modseq, changes.highestmodseq)
