@@ -167,3 +167,58 @@ def test_source_address_choice(target, candidates, expected):
     from mailstack.transfer.client import choose_source
 
     assert choose_source(target, candidates) == expected
+
+
+# Relay policy ---------------------------------------------------------------------
+
+LOCAL_PARTS = st.text(alphabet="abob%!@\".+-_", min_size=1, max_size=12)
+DOMAINS = st.sampled_from(
+    ["here.test", "HERE.test", "here.test.", "there.test", "sub.here.test", "here.test.example.com",
+     "[127.0.5.10]", "[192.0.2.1]", "[IPv6:::1]", "other.example"]
+)
+
+
+@pytest.fixture(scope="module")
+def relay_policy(tmp_path_factory):
+    """An InboundHandler on a real store with here.test and accounts bob and bob%x, on one event loop."""
+    import asyncio
+
+    from mailstack.store import Store
+    from mailstack.transfer.inbound import InboundHandler
+
+    loop = asyncio.new_event_loop()
+    path = tmp_path_factory.mktemp("policy") / "mail.db"
+
+    async def setup():
+        store = await Store.open(f"sqlite+aiosqlite:///{path}")
+        await store.add_domain("here.test")
+        await store.create_account("bob@here.test", "pw")
+        return store
+
+    store = loop.run_until_complete(setup())
+    handler = InboundHandler(store, hostname="mx.here.test", local_addresses=("127.0.5.10",))
+    yield loop, handler
+    loop.run_until_complete(store.close())
+    loop.close()
+
+
+@given(local=LOCAL_PARTS, domain=DOMAINS)
+def test_only_local_mailboxes_pass_policy(relay_policy, local, domain):
+    from mailstack.smtp import Path, SMTPError
+
+    loop, handler = relay_policy
+    path = Path(f"{local}@{domain}", local, domain)
+    try:
+        address = loop.run_until_complete(handler._local_address(path, session=None))
+    except SMTPError as error:
+        code = error.reply.code
+        foreign = domain.lower() not in ("here.test", "[127.0.5.10]")
+        if foreign or any(mark in local for mark in '%!@"'):
+            assert code == 554
+            assert error.reply.enhanced == "5.7.1"
+        else:
+            assert code in (550, 554)
+        return
+    assert domain.lower() == "here.test"
+    assert not any(mark in local for mark in '%!@"')
+    assert address == path.address

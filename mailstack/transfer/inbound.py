@@ -95,6 +95,8 @@ class InboundHandler(SMTPHandler):
             return await self._postmaster()
         if domain.endswith("."):
             raise SMTPError(RELAY_DENIED, f"trailing dot in <{path.address}>")
+        if any(mark in local for mark in ("%", "!", "@", '"')):
+            raise SMTPError(RELAY_DENIED, f"routing characters in the local part of <{path.address}>")
         if domain.startswith("["):
             literal = _normalize_ip(domain[1:-1].removeprefix("IPv6:").removeprefix("ipv6:"))
             if literal is None or literal not in self.local_addresses:
@@ -102,8 +104,6 @@ class InboundHandler(SMTPHandler):
             if local.lower() != POSTMASTER:
                 raise SMTPError(UNKNOWN_USER, f"only postmaster is served at a domain literal: <{path.address}>")
             return await self._postmaster()
-        if any(mark in local for mark in ("%", "!", "@")) or local.startswith('"'):
-            raise SMTPError(RELAY_DENIED, f"routing characters in the local part of <{path.address}>")
         if not await self.store.is_local_domain(domain):
             raise SMTPError(RELAY_DENIED, f"domain of <{path.address}> is not served here")
         return path.address
