@@ -467,6 +467,7 @@ async def test_relay_per_domain_connection_limit(store, resolver, clock):
         peer.stop()
     assert len(peer.recipients()) == 6
     assert peer.handler.max_active == 2
+    assert runner._per_domain == {}
 
 
 def tls_peer_context(tmp_path):

@@ -15,13 +15,13 @@ wait between scans is real time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import os
 import secrets
 import socket
-from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from mailstack.store import NotFound, Store
@@ -92,9 +92,9 @@ class QueueRunner:
         # its group waits for a connection slot.
         self._max_in_flight = 2 * max_connections
         self._per_domain_limit = max_connections_per_domain
-        self._per_domain: dict[str, asyncio.Semaphore] = defaultdict(
-            lambda: asyncio.Semaphore(self._per_domain_limit)
-        )
+        # Per destination domain: its semaphore and how many groups use it, so the
+        # entry goes away with the domain's last group.
+        self._per_domain: dict[str, tuple[asyncio.Semaphore, int]] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._groups: set[asyncio.Task] = set()
@@ -196,7 +196,7 @@ class QueueRunner:
         first = group[0]
         heartbeat = asyncio.create_task(self._keep_leases([delivery.id for delivery in group]))
         try:
-            async with self._connections, self._per_domain[first.domain]:
+            async with self._connections, self._domain_slot(first.domain):
                 await self._attempt(group)
         except asyncio.CancelledError:
             raise
@@ -209,6 +209,23 @@ class QueueRunner:
             )
         finally:
             heartbeat.cancel()
+
+    @contextlib.asynccontextmanager
+    async def _domain_slot(self, domain: str) -> AsyncIterator[None]:
+        """Hold one of the ``max_connections_per_domain`` slots of ``domain``."""
+        semaphore, users = self._per_domain.get(domain, (None, 0))
+        if semaphore is None:
+            semaphore = asyncio.Semaphore(self._per_domain_limit)
+        self._per_domain[domain] = (semaphore, users + 1)
+        try:
+            async with semaphore:
+                yield
+        finally:
+            semaphore, users = self._per_domain[domain]
+            if users <= 1:
+                del self._per_domain[domain]
+            else:
+                self._per_domain[domain] = (semaphore, users - 1)
 
     async def _keep_leases(self, delivery_ids: list[int]) -> None:
         """Renew the group's leases every third of the lease time while its attempt runs.
