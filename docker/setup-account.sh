@@ -16,6 +16,7 @@ if mailstack user list --json --config "$config" | grep -q "\"address\": \"${acc
     exit 0
 fi
 umask 077
-python -c 'import secrets; print(secrets.token_urlsafe(12))' >"$password_file"
+# Letters and digits only, so the password never reads as an option ("-...").
+python -c 'import secrets, string; a = string.ascii_letters + string.digits; print("".join(secrets.choice(a) for _ in range(16)))' >"$password_file"
 mailstack user add "$account" --password-stdin --config "$config" <"$password_file"
 echo "account ${account} created; password in ${password_file}"

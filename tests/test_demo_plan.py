@@ -239,3 +239,9 @@ def test_stale_world_file_removed(tmp_path: Path) -> None:
     world.world_file.write_text('{"servers": {}}')
     os.close(world_module.prepare_data_dir(world, fresh=False))
     assert not world.world_file.exists()
+
+
+def test_passwords_never_look_like_options() -> None:
+    passwords = [world_module.generate_password() for _ in range(2000)]
+    assert all(password.isalnum() and len(password) == 16 for password in passwords)
+    assert len(set(passwords)) == len(passwords)

@@ -17,6 +17,7 @@ import os
 import secrets
 import shutil
 import ssl
+import string
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,10 @@ log = logging.getLogger(__name__)
 
 # Present in every folder the demo made, so that --fresh never deletes anything else.
 MARKER_FILE = ".mailstack-demo"
-PASSWORD_BYTES = 12
+# Letters and digits only: a password that starts with "-" reads as an option to
+# swaks and other command-line clients. 16 of 62 symbols give about 95 bits.
+PASSWORD_ALPHABET = string.ascii_letters + string.digits
+PASSWORD_LENGTH = 16
 TSIG_SECRET_BYTES = 32
 
 
@@ -94,6 +98,10 @@ def _write_private(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
+def generate_password() -> str:
+    return "".join(secrets.choice(PASSWORD_ALPHABET) for _ in range(PASSWORD_LENGTH))
+
+
 def load_secrets(world: World) -> dict[str, Any]:
     """Return the saved passwords and TSIG secret, generating whatever is missing."""
     saved: dict[str, Any] = {}
@@ -105,7 +113,7 @@ def load_secrets(world: World) -> dict[str, Any]:
     passwords = dict(saved.get("accounts", {}))
     for server in world.servers:
         for account in server.accounts:
-            passwords.setdefault(account, secrets.token_urlsafe(PASSWORD_BYTES))
+            passwords.setdefault(account, generate_password())
     tsig = saved.get("tsig") or {
         "name": TSIG_KEY_NAME,
         "algorithm": "hmac-sha256",
