@@ -637,3 +637,14 @@ async def test_runner_renews_leases_during_slow_attempt(store, resolver, clock):
         peer.stop()
     assert peer.recipients() == ["bob@there.test"]
     assert await store.list_queue() == []
+
+
+async def test_resolver_cache_is_bounded(dns_server, clock, monkeypatch):
+    from mailstack.transfer import resolver as resolver_module
+
+    monkeypatch.setattr(resolver_module, "MAX_CACHE_ENTRIES", 4)
+    resolver = MXResolver((DNS_HOST,), port=dns_server.port, clock=clock)
+    for index in range(6):
+        dns_server.add(f"d{index}.test", "A", "127.0.5.30")
+        await resolver.resolve(f"d{index}.test")
+    assert len(resolver._cache) <= 4

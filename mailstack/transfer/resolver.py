@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 # Negative answers without an SOA carry no TTL; they are not cached at all.
 MAX_NEGATIVE_TTL = 3600
+# Cached record sets kept at most; expired ones are dropped first when it is reached.
+MAX_CACHE_ENTRIES = 10_000
 
 
 class DNSFailure(Exception):
@@ -221,13 +223,23 @@ class MXResolver:
             names = tuple(record.address for record in answer)
         ttl = answer.rrset.ttl if answer.rrset is not None else 0
         if ttl > 0:
-            self._cache[key] = _Answer(names, now + dt.timedelta(seconds=ttl))
+            self._store(key, _Answer(names, now + dt.timedelta(seconds=ttl)), now)
         log.debug("DNS %s %s: %s (TTL %d)", name, type_name, ", ".join(names), ttl)
         return names
 
     def _cache_negative(self, key: tuple[str, int], kind: type[Exception], ttl: int, now: dt.datetime) -> None:
         if ttl > 0:
-            self._cache[key] = (kind, now + dt.timedelta(seconds=ttl))
+            self._store(key, (kind, now + dt.timedelta(seconds=ttl)), now)
+
+    def _store(self, key: tuple[str, int], value, now: dt.datetime) -> None:
+        if len(self._cache) >= MAX_CACHE_ENTRIES:
+            for old_key, old_value in list(self._cache.items()):
+                expires = old_value.expires if isinstance(old_value, _Answer) else old_value[1]
+                if expires <= now:
+                    del self._cache[old_key]
+            if len(self._cache) >= MAX_CACHE_ENTRIES:
+                self._cache.clear()
+        self._cache[key] = value
 
 
 def _negative_ttl(response: dns.message.Message | None) -> int:
