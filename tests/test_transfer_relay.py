@@ -444,7 +444,7 @@ async def test_relay_utf8_needs_peer_support(store, resolver, clock):
     (notice,) = await inbox_messages(store)
     (block,) = delivery_status(notice)
     assert block["Status"] == "5.6.7"
-    assert block["Final-Recipient"].startswith("utf-8; ")
+    assert block["Final-Recipient"] == "utf-8; j\\x{F6}rg@there.test"
 
 
 async def test_relay_utf8_with_peer_support(store, resolver, clock, peer):

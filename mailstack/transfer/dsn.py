@@ -41,10 +41,17 @@ def _clean(text: str) -> str:
 
 
 def _address_text(address: str) -> str:
-    """Return an address type and value for Final-Recipient (RFC 3464, RFC 6533 for UTF-8)."""
+    """Return an address type and value for Final-Recipient (RFC 3464; RFC 6533 for UTF-8).
+
+    A non-ASCII address gets the "utf-8" type with each non-ASCII character
+    written as ``\\x{HEX}``, so the report stays 7-bit.
+    NOTE: which ASCII characters RFC 6533 also requires escaped here was not
+    checked; only the backslash and controls are.
+    """
     if address.isascii():
         return f"rfc822; {_clean(address)}"
-    return f"utf-8; {address.encode('ascii', 'backslashreplace').decode('ascii')}"
+    escaped = "".join(ch if 32 < ord(ch) < 127 and ch != "\\" else f"\\x{{{ord(ch):X}}}" for ch in address)
+    return f"utf-8; {escaped}"
 
 
 def original_headers(data: bytes) -> bytes:
