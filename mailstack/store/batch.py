@@ -9,11 +9,11 @@ submission does not take the others with it. A caller's future resolves only
 after the COMMIT returned, so the durability promise of Store.submit holds.
 
 On SQLite the whole transaction runs in one call on a worker thread with its
-own connection (WAL, synchronous=FULL, BEGIN IMMEDIATE, as the store's
-engine). Through aiosqlite every statement would be a separate round trip
-between the event loop and the driver's thread, and on a busy machine those
-round trips, not the fsync, set the pace. Other databases use the store's
-async engine.
+own sqlite3 connection (WAL, synchronous=FULL, BEGIN IMMEDIATE, as the
+store's engine). Through aiosqlite every statement would be a separate round
+trip between the event loop and the driver's thread, and on a busy machine
+those round trips, not the fsync, set the pace. Other databases use the
+store's async engine.
 """
 
 from __future__ import annotations
@@ -26,19 +26,24 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import Connection, event, insert, select, update
-from sqlalchemy import create_engine as create_sync_engine
+from sqlalchemy import bindparam, insert, literal_column, select, update
 from sqlalchemy.dialects import sqlite
-from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.pool import StaticPool
 
 from mailstack.store.addresses import split_address
 from mailstack.store.base import NotFound, StoreError
 from mailstack.store.delivery import DeliveryMixin, new_queue_id
 from mailstack.store.mailboxes import INBOX, OUTBOX
-from mailstack.store.models import Delivery, DeliveryState, Mailbox, Message, MessageContent, OutboundMessage
+from mailstack.store.models import (
+    Delivery,
+    DeliveryState,
+    Mailbox,
+    Message,
+    MessageContent,
+    OutboundMessage,
+    UTCDateTime,
+)
 
 log = logging.getLogger(__name__)
 
@@ -226,130 +231,144 @@ class SubmitBatcher:
 
 
 class _SQLiteWriter:
-    """One SQLite connection on one worker thread that writes a whole batch per call."""
+    """One SQLite connection on one worker thread that writes a whole batch per call.
+
+    The statements are compiled once from the store's SQLAlchemy models and run
+    on the raw sqlite3 cursor: per statement, SQLAlchemy's execution layer cost
+    more than SQLite itself.
+    """
 
     def __init__(self, database: str, busy_timeout: float, clock) -> None:
         self.clock = clock
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="submit-batch")
-        self.engine: Engine = create_sync_engine(
-            f"sqlite:///{database}",
-            poolclass=StaticPool,
-            connect_args={"timeout": busy_timeout, "check_same_thread": False},
+        self.connection = sqlite3.connect(database, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+        self.connection.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        self.connection.execute("PRAGMA journal_mode = WAL")
+        # As the store's engine: a commit is on disk when it returns.
+        self.connection.execute("PRAGMA synchronous = FULL")
+        self.connection.execute("PRAGMA foreign_keys = ON")
+        dialect = sqlite.dialect()
+        self._timestamp = UTCDateTime().bind_processor(dialect)
+        self._insert_content = _compile(
+            sqlite.insert(MessageContent)
+            .values(sha256=bindparam("sha256"), size=bindparam("size"), data=bindparam("data"), created=bindparam("created"))
+            .on_conflict_do_nothing(),
+            dialect,
         )
-
-        @event.listens_for(self.engine, "connect")
-        def _on_connect(dbapi_connection: sqlite3.Connection, _record) -> None:
-            dbapi_connection.isolation_level = None
-            cursor = dbapi_connection.cursor()
-            cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-            cursor.execute("PRAGMA journal_mode = WAL")
-            cursor.execute("PRAGMA synchronous = FULL")
-            cursor.execute("PRAGMA foreign_keys = ON")
-            cursor.close()
-
-        @event.listens_for(self.engine, "begin")
-        def _on_begin(connection: Connection) -> None:
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        self._find_mailbox = _compile(
+            select(Mailbox.id).where(Mailbox.account_id == bindparam("account_id"), Mailbox.name == bindparam("name")),
+            dialect,
+        )
+        self._allocate = _compile(
+            update(Mailbox)
+            .where(Mailbox.id == bindparam("mailbox_id"))
+            .values(uidnext=Mailbox.uidnext + literal_column("1"), highestmodseq=Mailbox.highestmodseq + literal_column("1"))
+            .returning(Mailbox.uidnext, Mailbox.highestmodseq),
+            dialect,
+        )
+        self._insert_message = _compile(
+            insert(Message).values(
+                {name: bindparam(name) for name in (
+                    "mailbox_id", "uid", "modseq", "flags", "keywords", "internal_date", "size", "content_sha256", "queue_id"
+                )}
+            ),
+            dialect,
+        )
+        self._insert_outbound = _compile(
+            insert(OutboundMessage).values(
+                {name: bindparam(name) for name in (
+                    "queue_id", "account_id", "envelope_sender", "content_sha256", "size", "created", "delay_warned"
+                )}
+            ),
+            dialect,
+        )
+        self._insert_delivery = _compile(
+            insert(Delivery).values(
+                {name: bindparam(name) for name in (
+                    "queue_id", "recipient", "domain", "state", "attempts", "next_attempt", "created", "updated"
+                )}
+            ),
+            dialect,
+        )
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)
-        self.engine.dispose()
+        self.connection.close()
 
     def write(self, batch: list[_Submission]) -> dict[int, BaseException]:
         """Write ``batch`` in one transaction (runs on the worker thread); return failures by index."""
         failures: dict[int, BaseException] = {}
-        with self.engine.connect() as connection:
-            with connection.begin():
-                for index, item in enumerate(batch):
-                    try:
-                        with connection.begin_nested():
-                            self._write_one(connection, item)
-                    except (StoreError, SQLAlchemyError, ValueError) as error:
-                        item.changed.clear()
-                        failures[index] = error
+        cursor = self.connection.cursor()
+        cursor.execute("BEGIN IMMEDIATE")
+        try:
+            for index, item in enumerate(batch):
+                cursor.execute("SAVEPOINT submission")
+                try:
+                    self._write_one(cursor, item)
+                except (StoreError, sqlite3.Error, ValueError) as error:
+                    # Only this submission's changes are undone.
+                    cursor.execute("ROLLBACK TO submission")
+                    item.changed.clear()
+                    failures[index] = error
+                cursor.execute("RELEASE submission")
+            cursor.execute("COMMIT")
+        except BaseException:
+            if self.connection.in_transaction:
+                self.connection.execute("ROLLBACK")
+            raise
+        finally:
+            cursor.close()
         return failures
 
-    def _write_one(self, connection: Connection, item: _Submission) -> None:
-        now = self.clock()
+    def _run(self, cursor: sqlite3.Cursor, statement: tuple[str, tuple[str, ...]], **values) -> sqlite3.Cursor:
+        sql, names = statement
+        return cursor.execute(sql, [values[name] for name in names])
+
+    def _write_one(self, cursor: sqlite3.Cursor, item: _Submission) -> None:
+        now = self._timestamp(self.clock())
         size = len(item.data)
         digest = hashlib.sha256(item.data).hexdigest()
-        connection.execute(
-            sqlite.insert(MessageContent)
-            .values(sha256=digest, size=size, data=item.data, created=now)
-            .on_conflict_do_nothing()
-        )
-        if item.local_account_ids:
-            rows = connection.execute(
-                select(Mailbox.account_id, Mailbox.id).where(
-                    Mailbox.account_id.in_(item.local_account_ids), Mailbox.name == INBOX
-                )
-            )
-            inboxes = dict(rows.all())
-            missing = set(item.local_account_ids) - set(inboxes)
-            if missing:
-                raise NotFound(f"no INBOX for account(s) {sorted(missing)}")
-            for mailbox_id in inboxes.values():
-                self._insert_message(connection, mailbox_id, digest, size, now, None)
-                item.changed.append(mailbox_id)
+        self._run(cursor, self._insert_content, sha256=digest, size=size, data=item.data, created=now)
+
+        for account_id in item.local_account_ids:
+            row = self._run(cursor, self._find_mailbox, account_id=account_id, name=INBOX).fetchone()
+            if row is None:
+                raise NotFound(f"no INBOX for account(s) [{account_id}]")
+            self._add_message(cursor, row[0], digest, size, now, None)
+            item.changed.append(row[0])
         if not item.remote_recipients:
             return
-        outbox = connection.scalar(
-            select(Mailbox.id).where(Mailbox.account_id == item.account_id, Mailbox.name == OUTBOX)
-        )
-        if outbox is None:
+
+        row = self._run(cursor, self._find_mailbox, account_id=item.account_id, name=OUTBOX).fetchone()
+        if row is None:
             raise NotFound(f"account {item.account_id} has no Outbox")
-        connection.execute(
-            insert(OutboundMessage).values(
-                queue_id=item.queue_id,
-                account_id=item.account_id,
-                envelope_sender=item.envelope_sender,
-                content_sha256=digest,
-                size=size,
-                created=now,
-                delay_warned=False,
+        outbox = row[0]
+        self._run(
+            cursor, self._insert_outbound, queue_id=item.queue_id, account_id=item.account_id,
+            envelope_sender=item.envelope_sender, content_sha256=digest, size=size, created=now, delay_warned=0,
+        )
+        for recipient in item.remote_recipients:
+            self._run(
+                cursor, self._insert_delivery, queue_id=item.queue_id, recipient=recipient,
+                domain=split_address(recipient)[1], state=DeliveryState.QUEUED.value, attempts=0,
+                next_attempt=now, created=now, updated=now,
             )
-        )
-        connection.execute(
-            insert(Delivery),
-            [
-                {
-                    "queue_id": item.queue_id,
-                    "recipient": recipient,
-                    "domain": split_address(recipient)[1],
-                    "state": DeliveryState.QUEUED.value,
-                    "attempts": 0,
-                    "next_attempt": now,
-                    "created": now,
-                    "updated": now,
-                }
-                for recipient in item.remote_recipients
-            ],
-        )
-        self._insert_message(connection, outbox, digest, size, now, item.queue_id)
+        self._add_message(cursor, outbox, digest, size, now, item.queue_id)
         item.changed.append(outbox)
 
-    @staticmethod
-    def _insert_message(connection: Connection, mailbox_id: int, digest: str, size: int, now, queue_id: str | None) -> None:
+    def _add_message(self, cursor: sqlite3.Cursor, mailbox_id: int, digest: str, size: int, now, queue_id: str | None) -> None:
         # One UPDATE ... RETURNING reserves the UID and raises MODSEQ, as the store's _allocate does.
-        row = connection.execute(
-            update(Mailbox)
-            .where(Mailbox.id == mailbox_id)
-            .values(uidnext=Mailbox.uidnext + 1, highestmodseq=Mailbox.highestmodseq + 1)
-            .returning(Mailbox.uidnext, Mailbox.highestmodseq)
-        ).one_or_none()
+        row = self._run(cursor, self._allocate, mailbox_id=mailbox_id).fetchone()
         if row is None:
             raise NotFound(f"mailbox {mailbox_id} not found")
         uidnext, modseq = row
-        connection.execute(
-            insert(Message).values(
-                mailbox_id=mailbox_id,
-                uid=uidnext - 1,
-                modseq=modseq,
-                flags=0,
-                keywords="",
-                internal_date=now,
-                size=size,
-                content_sha256=digest,
-                queue_id=queue_id,
-            )
+        self._run(
+            cursor, self._insert_message, mailbox_id=mailbox_id, uid=uidnext - 1, modseq=modseq, flags=0,
+            keywords="", internal_date=now, size=size, content_sha256=digest, queue_id=queue_id,
         )
+
+
+def _compile(statement, dialect) -> tuple[str, tuple[str, ...]]:
+    """Return the SQL text of ``statement`` for sqlite3 and the names of its parameters in order."""
+    compiled = statement.compile(dialect=dialect)
+    return str(compiled), tuple(compiled.positiontup)

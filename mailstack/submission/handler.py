@@ -6,6 +6,8 @@ import asyncio
 import datetime as dt
 import ipaddress
 import logging
+import random
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -14,7 +16,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from mailstack.smtp import Envelope, Path, Reply, SessionState, SMTPError, SMTPHandler
-from mailstack.store import Store, StoreError, new_queue_id
+from mailstack.store import Store, StoreError
 from mailstack.store.addresses import AddressError, split_address
 from mailstack.submission import headers
 from mailstack.submission.throttle import AuthThrottle
@@ -34,6 +36,10 @@ COMMIT_FAILED = Reply(451, "4.3.0", "Message not stored because of a local error
 # this long; like Postfix's lookup caches, it spares the database the same
 # question for every message of a busy sender.
 LOOKUP_CACHE_SECONDS = 2.0
+
+# Queue ids and Message-IDs need to be unique, not secret: a PRNG seeded once
+# from the OS gives new_queue_id()'s format without a system call per message.
+_ids = random.Random()
 
 # Writes the message and its queue entries in one transaction and returns the
 # queue id; the arguments are those of Store.submit.
@@ -181,7 +187,7 @@ class SubmissionHandler(SMTPHandler):
     # DATA -------------------------------------------------------------------
 
     async def handle_message(self, session: SessionState, envelope: Envelope, content: bytes) -> Reply:
-        queue_id = new_queue_id()
+        queue_id = f"{_ids.getrandbits(64):016X}"
         now = self.clock()
         protocol = headers.with_protocol_keyword(
             esmtp=session.extended_smtp,
@@ -213,7 +219,7 @@ class SubmissionHandler(SMTPHandler):
                 remote_recipients=remote,
                 queue_id=queue_id,
             )
-        except (SQLAlchemyError, StoreError, OSError, ValueError) as error:
+        except (SQLAlchemyError, sqlite3.Error, StoreError, OSError, ValueError) as error:
             log.error(
                 "session %s: storing message %s from <%s> failed: %s",
                 session.id, queue_id, envelope.mail_from, error, exc_info=error,

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 import email.utils
+import random
 import re
-import secrets
 
 _FIELD_NAME = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:")
 # Characters allowed in the client's HELO name when it is copied into a header.
 _SAFE_HELO = re.compile(r"^[A-Za-z0-9.:\[\]_-]{1,255}$")
+# Message-IDs must be unique, not secret; see the queue ids in handler.py.
+_message_ids = random.Random()
 
 
 def present_fields(message: bytes) -> set[str]:
@@ -86,7 +88,7 @@ def prepend_fields(message: bytes, *, received: bytes, hostname: str, now: dt.da
     present = present_fields(message)
     added = [received]
     if "message-id" not in present:
-        added.append(f"Message-ID: <{secrets.token_hex(12)}@{hostname}>\r\n".encode("ascii"))
+        added.append(f"Message-ID: <{_message_ids.getrandbits(96):024x}@{hostname}>\r\n".encode("ascii"))
     if "date" not in present:
         added.append(f"Date: {email.utils.format_datetime(now)}\r\n".encode("ascii"))
     return b"".join(added) + message
