@@ -434,3 +434,35 @@ async def test_shutdown_sends_421_to_idle_sessions(env):
     assert await client.reply() == (421, ["4.3.2 Service shutting down"])
     assert await client.at_eof()
     await client.close()
+
+
+async def test_trusted_network_submits_without_auth(env):
+    running = await start_submission(env, trusted_networks=("127.0.0.0/8",))
+    try:
+        client = await RawClient.connect(running.port)
+        code, lines = await client.command("EHLO app.test")
+        assert "STARTTLS" in lines
+        assert await client.command("MAIL FROM:<nobody@there.test>") == (
+            553, ["5.7.1 Sender address rejected: not a local account"])
+        assert (await client.command("MAIL FROM:<al@here.test>"))[0] == 250
+        assert (await client.command("RCPT TO:<bob@here.test>"))[0] == 250
+        assert (await client.command("DATA"))[0] == 354
+        await client.send(b"Subject: from a script\r\n\r\nhi\r\n.\r\n")
+        assert (await client.reply())[0] == 250
+        await client.close()
+    finally:
+        await running.close()
+    [stored] = await inbox_messages(env.store, env.bob_id)
+    # Neither TLS nor AUTH: the plain ESMTP keyword.
+    assert b" with ESMTP id " in stored
+
+
+async def test_untrusted_network_still_needs_tls(env):
+    running = await start_submission(env, trusted_networks=("192.0.2.0/24",))
+    try:
+        client = await RawClient.connect(running.port)
+        await client.command("EHLO app.test")
+        assert (await client.command("MAIL FROM:<al@here.test>"))[0] == 530
+        await client.close()
+    finally:
+        await running.close()
