@@ -12,6 +12,7 @@ import email
 import email.message
 import email.policy
 import email.utils
+import fcntl
 import imaplib
 import importlib.util
 import json
@@ -21,9 +22,11 @@ import re
 import shutil
 import signal
 import smtplib
+import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -34,8 +37,10 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-# This file's share of the demo tests' loopback range 127.0.8.0/24.
-ADDRESSES = ("127.0.8.53", "127.0.8.10", "127.0.8.20")
+# This file's share of the demo tests' loopback range 127.0.8.0/24: the first
+# (Blue Book, here.test, there.test) triple that is free, so that a second test
+# run on the same machine picks another one.
+CANDIDATE_ADDRESSES = [(f"127.0.8.{53 + i}", f"127.0.8.{10 + i}", f"127.0.8.{20 + i}") for i in range(5)]
 READY_LINE = "mailstack demo: ready"
 START_TIMEOUT = 90.0
 MAIL_TIMEOUT = 30.0
@@ -45,6 +50,32 @@ SERVICE_MODULES = (
     "mailstack.imap.service",
     "mailstack.transfer.service",
 )
+
+
+def claim_addresses(candidates: list[tuple[str, str, str]], ports: tuple[int, int]) -> tuple[tuple[str, str, str], int]:
+    """Claim the first free (Blue Book, here.test, there.test) triple; return it with the lock's descriptor.
+
+    A lock file per triple keeps concurrent test runs on this machine apart even
+    before their servers bind; the bind checks skip triples that something else
+    holds. ``ports`` are the Blue Book's UDP port and the mail servers' SMTP port.
+    Closing the descriptor releases the claim.
+    """
+    for triple in candidates:
+        lock_path = Path(tempfile.gettempdir()) / f"mailstack-test-{triple[0]}.lock"
+        descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            wanted = [(triple[0], ports[0], socket.SOCK_DGRAM)]
+            wanted += [(address, ports[1], socket.SOCK_STREAM) for address in triple[1:]]
+            for address, port, kind in wanted:
+                with socket.socket(socket.AF_INET, kind) as probe:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    probe.bind((address, port))
+        except OSError:
+            os.close(descriptor)
+            continue
+        return triple, descriptor
+    raise AssertionError(f"every candidate address triple is busy: {candidates}")
 
 
 def missing_services() -> list[str]:
@@ -72,6 +103,7 @@ class Demo:
             stderr=subprocess.PIPE,
             text=True,
         )
+        self.addresses: tuple[str, str, str] = ("", "", "")
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.output: list[str] = []
         self.errors: list[str] = []
@@ -129,12 +161,15 @@ def demo(tmp_path_factory: pytest.TempPathFactory):
     if missing:
         pytest.skip(f"services not on main yet: {', '.join(missing)}")
     data_dir = tmp_path_factory.mktemp("demo") / "world"
-    running = Demo(data_dir, ["--addresses", ",".join(ADDRESSES), "--server-log-level", "DEBUG"])
+    addresses, claim = claim_addresses(CANDIDATE_ADDRESSES, (53, 25))
+    running = Demo(data_dir, ["--addresses", ",".join(addresses)])
+    running.addresses = addresses
     try:
         running.wait_for_line(READY_LINE, START_TIMEOUT)
         yield running
     finally:
         running.stop()
+        os.close(claim)
 
 
 @pytest.fixture(scope="module")
@@ -236,9 +271,9 @@ def printed_command(demo: Demo, program: str) -> str:
 
 
 def test_world_file_lists_servers(demo: Demo, world: dict[str, Any]) -> None:
-    assert world["bluebook"]["address"] == ADDRESSES[0]
-    assert world["servers"]["here.test"]["address"] == ADDRESSES[1]
-    assert world["servers"]["there.test"]["address"] == ADDRESSES[2]
+    assert world["bluebook"]["address"] == demo.addresses[0]
+    assert world["servers"]["here.test"]["address"] == demo.addresses[1]
+    assert world["servers"]["there.test"]["address"] == demo.addresses[2]
     assert Path(world["ca_file"]).is_file()
     assert world["bluebook"]["tsig"]["secret"]
     for server in world["servers"].values():
@@ -281,7 +316,7 @@ def test_dig_mx_there(world: dict[str, Any]) -> None:
         ["dig", f"@{bluebook['address']}", "-p", str(bluebook["port"]), "A", "mail.there.test", "+short", "+time=2", "+tries=1"],
         capture_output=True, text=True, timeout=30,
     )
-    assert address.stdout.split() == [ADDRESSES[2]]
+    assert address.stdout.split() == [world["servers"]["there.test"]["address"]]
 
 
 @pytest.mark.skipif(shutil.which("dig") is None, reason="dig is not installed (Debian: bind9-dnsutils)")

@@ -6,21 +6,25 @@ itself; the second run is given another offset explicitly.
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.slow
 
-# This file's share of the demo tests' loopback range 127.0.8.0/24.
-ADDRESSES = "127.0.8.153,127.0.8.110,127.0.8.120"
+# This file's share of the demo tests' loopback range 127.0.8.0/24: the first free
+# (Blue Book, here.test, there.test) triple, so that concurrent runs do not collide.
+CANDIDATE_ADDRESSES = [(f"127.0.8.{153 + i}", f"127.0.8.{110 + i}", f"127.0.8.{120 + i}") for i in range(5)]
 SERVICE_MODULES = (
     "mailstack.bluebook.cli",
     "mailstack.submission.service",
@@ -45,10 +49,36 @@ def can_drop_bind_capability() -> bool:
     return os.geteuid() == 0 and shutil.which("setpriv") is not None
 
 
-def run_check(data_dir: Path, *extra: str, low_ports_allowed: bool = True) -> subprocess.CompletedProcess[str]:
+def claim_addresses(candidates: list[tuple[str, str, str]], ports: tuple[int, int]) -> tuple[tuple[str, str, str], int]:
+    """Claim the first free (Blue Book, here.test, there.test) triple; return it with the lock's descriptor.
+
+    A lock file per triple keeps concurrent test runs on this machine apart even
+    before their servers bind; the bind checks skip triples that something else
+    holds. ``ports`` are the Blue Book's UDP port and the mail servers' SMTP port.
+    Closing the descriptor releases the claim.
+    """
+    for triple in candidates:
+        lock_path = Path(tempfile.gettempdir()) / f"mailstack-test-{triple[0]}.lock"
+        descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            wanted = [(triple[0], ports[0], socket.SOCK_DGRAM)]
+            wanted += [(address, ports[1], socket.SOCK_STREAM) for address in triple[1:]]
+            for address, port, kind in wanted:
+                with socket.socket(socket.AF_INET, kind) as probe:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    probe.bind((address, port))
+        except OSError:
+            os.close(descriptor)
+            continue
+        return triple, descriptor
+    raise AssertionError(f"every candidate address triple is busy: {candidates}")
+
+
+def run_check(data_dir: Path, addresses: str, *extra: str, low_ports_allowed: bool = True) -> subprocess.CompletedProcess[str]:
     command = [
         sys.executable, "-m", "mailstack", "demo", "--check", "--data", str(data_dir),
-        "--addresses", ADDRESSES, "--timeout", "30", "--log-file", str(data_dir.parent / "check.log"), *extra,
+        "--addresses", addresses, "--timeout", "30", "--log-file", str(data_dir.parent / "check.log"), *extra,
     ]
     if not low_ports_allowed:
         # Root without this capability may not bind ports below 1024, like an ordinary user.
@@ -62,16 +92,19 @@ def explain(result: subprocess.CompletedProcess[str], data_dir: Path) -> str:
     return f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}\nlogs:\n" + "\n".join(logs)
 
 
-def test_check_passes_twice(tmp_path: Path) -> None:
+def test_check_passes_twice(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     missing = _missing()
     if missing:
         pytest.skip(f"services not on main yet: {', '.join(missing)}")
     data_dir = tmp_path / "world"
+    triple, claim = claim_addresses(CANDIDATE_ADDRESSES, (10053, 10025))
+    request.addfinalizer(lambda: os.close(claim))
+    addresses = ",".join(triple)
 
     if can_drop_bind_capability():
-        first = run_check(data_dir, low_ports_allowed=False)
+        first = run_check(data_dir, addresses, low_ports_allowed=False)
     else:
-        first = run_check(data_dir, "--port-offset", "10000")
+        first = run_check(data_dir, addresses, "--port-offset", "10000")
     assert first.returncode == 0, explain(first, data_dir)
     lines = first.stdout.splitlines()
     step = r"^\[\s*\d+\.\d\d s\] "
@@ -97,7 +130,7 @@ def test_check_passes_twice(tmp_path: Path) -> None:
         removed = subprocess.run([sys.executable, "-m", "mailstack", *command], capture_output=True, text=True, timeout=60)
         assert removed.returncode == 0, removed.stderr
     # The second run also moves every port, so the zones' SRV records change too.
-    second = run_check(data_dir, "--port-offset", "20000")
+    second = run_check(data_dir, addresses, "--port-offset", "20000")
     assert second.returncode == 0, explain(second, data_dir)
     assert "port = 20025" in (data_dir / "here.test" / "mailstack.toml").read_text()
     assert json.loads((data_dir / "passwords.json").read_text()) == saved
@@ -108,7 +141,11 @@ def test_check_fails_when_nothing_can_start(tmp_path: Path) -> None:
     data_dir = tmp_path / "world"
     data_dir.mkdir()
     (data_dir / "unrelated.txt").write_text("not a demo folder")
-    result = run_check(data_dir)
+    triple, claim = claim_addresses(CANDIDATE_ADDRESSES, (10053, 10025))
+    try:
+        result = run_check(data_dir, ",".join(triple), "--port-offset", "10000")
+    finally:
+        os.close(claim)
     assert result.returncode == 1
     assert "was not made by `mailstack demo`" in result.stderr
     assert (data_dir / "unrelated.txt").exists()

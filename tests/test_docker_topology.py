@@ -17,6 +17,7 @@ import email.message
 import email.policy
 import email.utils
 import errno
+import fcntl
 import imaplib
 import os
 import shutil
@@ -26,6 +27,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,14 +38,38 @@ yaml = pytest.importorskip("yaml", reason="PyYAML is in the test extra: pip inst
 pytestmark = pytest.mark.slow
 
 DOCKER_DIR = Path(__file__).resolve().parent.parent / "docker"
-# Container address -> loopback address, within this project's test range 127.0.8.0/24.
-LOOPBACK = {
-    "172.31.53.53": "127.0.8.90",
-    "172.31.53.10": "127.0.8.91",
-    "172.31.53.11": "127.0.8.91",
-    "172.31.53.20": "127.0.8.92",
-    "172.31.53.21": "127.0.8.92",
-}
+
+
+def claim_addresses(candidates: list[tuple[str, str, str]], ports: tuple[int, int]) -> tuple[tuple[str, str, str], int]:
+    """Claim the first free (Blue Book, here.test, there.test) triple; return it with the lock's descriptor.
+
+    A lock file per triple keeps concurrent test runs on this machine apart even
+    before their servers bind; the bind checks skip triples that something else
+    holds. ``ports`` are the Blue Book's UDP port and the mail servers' SMTP port.
+    Closing the descriptor releases the claim.
+    """
+    for triple in candidates:
+        lock_path = Path(tempfile.gettempdir()) / f"mailstack-test-{triple[0]}.lock"
+        descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            wanted = [(triple[0], ports[0], socket.SOCK_DGRAM)]
+            wanted += [(address, ports[1], socket.SOCK_STREAM) for address in triple[1:]]
+            for address, port, kind in wanted:
+                with socket.socket(socket.AF_INET, kind) as probe:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    probe.bind((address, port))
+        except OSError:
+            os.close(descriptor)
+            continue
+        return triple, descriptor
+    raise AssertionError(f"every candidate address triple is busy: {candidates}")
+
+
+# Container address -> loopback address, filled in when the topology starts.
+LOOPBACK: dict[str, str] = {}
+# Loopback triples to try, within this project's test range 127.0.8.0/24.
+CANDIDATE_ADDRESSES = [tuple(f"127.0.8.{base + i}" for i in range(3)) for base in (90, 93, 96)]
 SETUP_SERVICES = ("bluebook-setup", "here-setup", "there-setup")
 SERVER_SERVICES = ("bluebook", "here-msa", "here-mta", "there-msa", "there-mta")
 TIMEOUT = 60.0
@@ -52,7 +78,7 @@ TIMEOUT = 60.0
 def _standard_ports_bindable() -> bool:
     with socket.socket() as probe:
         try:
-            probe.bind(("127.0.8.91", 25))
+            probe.bind(("127.0.8.99", 25))
         except OSError as exc:
             return exc.errno != errno.EACCES
     return True
@@ -198,6 +224,15 @@ class Topology:
 def topology(tmp_path_factory: pytest.TempPathFactory):
     if not _standard_ports_bindable():
         pytest.skip("the compose services use ports below 1024, which this process may not bind")
+    (bluebook, here, there), claim = claim_addresses(CANDIDATE_ADDRESSES, (53, 25))
+    # The MSA and MTA of a domain share one address; see the module docstring.
+    LOOPBACK.update({
+        "172.31.53.53": bluebook,
+        "172.31.53.10": here,
+        "172.31.53.11": here,
+        "172.31.53.20": there,
+        "172.31.53.21": there,
+    })
     compose = yaml.safe_load((DOCKER_DIR / "compose.yml").read_text())
     running = Topology(compose, tmp_path_factory.mktemp("compose"))
     try:
@@ -207,6 +242,7 @@ def topology(tmp_path_factory: pytest.TempPathFactory):
         yield running
     finally:
         running.stop()
+        os.close(claim)
 
 
 def _password(topology: Topology, service: str, address: str) -> str:
