@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import os
@@ -9,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,41 @@ from mailstack.settings import MailServerConfig
 
 # This file's share of the demo tests' loopback range 127.0.8.0/24.
 ADDRESSES = ("127.0.8.201", "127.0.8.202", "127.0.8.203")
+
+
+def claim_addresses(candidates: list[tuple[str, str, str]], ports: tuple[int, int]) -> tuple[tuple[str, str, str], int]:
+    """Claim the first free (Blue Book, here.test, there.test) triple; return it with the lock's descriptor.
+
+    A lock file per triple keeps concurrent test runs on this machine apart even
+    before their servers bind; the bind checks skip triples that something else
+    holds. ``ports`` are the Blue Book's UDP port and the mail servers' SMTP port.
+    Closing the descriptor releases the claim.
+    """
+    for triple in candidates:
+        lock_path = Path(tempfile.gettempdir()) / f"mailstack-test-{triple[0]}.lock"
+        descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            wanted = [(triple[0], ports[0], socket.SOCK_DGRAM)]
+            wanted += [(address, ports[1], socket.SOCK_STREAM) for address in triple[1:]]
+            for address, port, kind in wanted:
+                with socket.socket(socket.AF_INET, kind) as probe:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    probe.bind((address, port))
+        except OSError:
+            os.close(descriptor)
+            continue
+        return triple, descriptor
+    raise AssertionError(f"every candidate address triple is busy: {candidates}")
+
+
+@pytest.fixture
+def claimed() -> tuple[str, str, str]:
+    """A triple of addresses that no concurrent test run binds, for the tests that bind."""
+    candidates = [tuple(f"127.0.8.{base + i}" for i in range(3)) for base in (211, 214, 217, 220)]
+    triple, claim = claim_addresses(candidates, (30053, 30025))
+    yield triple
+    os.close(claim)
 
 
 def _demo(*arguments: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -58,15 +95,15 @@ def test_explicit_offset_is_kept() -> None:
     assert plan.choose_port_offset(123, ADDRESSES[1]) == 123
 
 
-def test_port_in_use_is_reported(tmp_path: Path) -> None:
-    world = plan.plan_world(tmp_path, ADDRESSES, 30000)
+def test_port_in_use_is_reported(tmp_path: Path, claimed: tuple[str, str, str]) -> None:
+    world = plan.plan_world(tmp_path, claimed, 30000)
     assert plan.check_bindable(world) == []
     with socket.socket() as holder:
-        holder.bind((ADDRESSES[2], 30587))
+        holder.bind((claimed[2], 30587))
         holder.listen()
         problems = plan.check_bindable(world)
     assert len(problems) == 1
-    assert problems[0].startswith(f"{ADDRESSES[2]}:30587/TCP: already in use")
+    assert problems[0].startswith(f"{claimed[2]}:30587/TCP: already in use")
 
 
 def test_configs_pass_config_check(tmp_path: Path) -> None:
@@ -159,15 +196,15 @@ def test_cli_rejects_public_address(tmp_path: Path) -> None:
     assert not (tmp_path / "d").exists()
 
 
-def test_cli_reports_busy_port(tmp_path: Path) -> None:
+def test_cli_reports_busy_port(tmp_path: Path, claimed: tuple[str, str, str]) -> None:
     with socket.socket() as holder:
-        holder.bind((ADDRESSES[1], 31025))
+        holder.bind((claimed[1], 31025))
         holder.listen()
         result = _demo(
-            "--addresses", ",".join(ADDRESSES), "--port-offset", "31000", "--data", str(tmp_path / "d"), cwd=tmp_path
+            "--addresses", ",".join(claimed), "--port-offset", "31000", "--data", str(tmp_path / "d"), cwd=tmp_path
         )
     assert result.returncode == 1
-    assert f"{ADDRESSES[1]}:31025/TCP: already in use" in result.stderr
+    assert f"{claimed[1]}:31025/TCP: already in use" in result.stderr
     assert not (tmp_path / "d").exists()
 
 
@@ -204,12 +241,12 @@ def _processes_mentioning(text: str) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs Linux /proc to find processes")
-def test_sigint_during_setup_leaves_nothing(tmp_path: Path) -> None:
+def test_sigint_during_setup_leaves_nothing(tmp_path: Path, claimed: tuple[str, str, str]) -> None:
     if importlib.util.find_spec("mailstack.bluebook") is None:
         pytest.skip("the Blue Book package is not on main yet")
     data_dir = tmp_path / "interrupted"
     process = subprocess.Popen(
-        [sys.executable, "-m", "mailstack", "demo", "--data", str(data_dir), "--addresses", ",".join(ADDRESSES),
+        [sys.executable, "-m", "mailstack", "demo", "--data", str(data_dir), "--addresses", ",".join(claimed),
          "--port-offset", "30000"],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
