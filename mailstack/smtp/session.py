@@ -517,9 +517,10 @@ class SMTPSession(SMTP):
             rest = reader.feed(chunk)
             if rest is not None:
                 break
-        if rest:
+        if rest and not self._reader.at_eof():
             # One read emptied the reader's buffer (READ_SIZE exceeds it), so
-            # feeding the rest back keeps pipelined commands in order.
+            # feeding the rest back keeps pipelined commands in order. After
+            # the peer's EOF the rest is dropped: aiosmtpd ends the session then.
             self._reader.feed_data(rest)
         # The transaction ends here whatever the outcome.
         self._set_post_data_state()
