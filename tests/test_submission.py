@@ -116,6 +116,19 @@ async def test_aiosmtplib_remote_recipient_queues(env, running):
     assert len(await inbox_messages(env.store, env.bob_id)) == 1
 
 
+async def test_aiosmtplib_implicit_tls_465(env, running):
+    client = aiosmtplib.SMTP(hostname=HOST, port=running.tls_port, use_tls=True, tls_context=env.client_context())
+    await client.connect()
+    assert "auth" in client.esmtp_extensions
+    await client.login(*BOB)
+    errors, reply = await client.sendmail(BOB[0], [ALICE[0]], b"Subject: over 465\r\n\r\nhi\r\n")
+    await client.quit()
+    assert errors == {}
+    assert reply.startswith("2.0.0 Ok: queued as ")
+    [stored] = await inbox_messages(env.store, env.alice_id)
+    assert b"Subject: over 465" in stored
+
+
 async def test_swaks_587_and_465(env, running):
     ca = str(env.tls_files.ca_file)
     base = ["swaks", "--server", HOST, "--from", ALICE[0], "--to", BOB[0], "--auth", "LOGIN",
