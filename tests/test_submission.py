@@ -119,6 +119,7 @@ async def test_aiosmtplib_remote_recipient_queues(env, running):
 async def test_aiosmtplib_implicit_tls_465(env, running):
     client = aiosmtplib.SMTP(hostname=HOST, port=running.tls_port, use_tls=True, tls_context=env.client_context())
     await client.connect()
+    await client.ehlo()
     assert "auth" in client.esmtp_extensions
     await client.login(*BOB)
     errors, reply = await client.sendmail(BOB[0], [ALICE[0]], b"Subject: over 465\r\n\r\nhi\r\n")
