@@ -648,3 +648,20 @@ async def test_resolver_cache_is_bounded(dns_server, clock, monkeypatch):
         dns_server.add(f"d{index}.test", "A", "127.0.5.30")
         await resolver.resolve(f"d{index}.test")
     assert len(resolver._cache) <= 4
+
+
+async def test_relay_splits_at_peer_recipient_limit(store, resolver, clock):
+    peer = Peer(PEER_HOST, "there.test", port=PEER_PORT, max_recipients=2)
+    peer.start()
+    try:
+        runner = make_runner(store, resolver, clock)
+        recipients = [f"user{index}@there.test" for index in range(5)]
+        await submit(store, recipients)
+        await runner.run_once()
+        await runner.sender.close()
+    finally:
+        peer.stop()
+    assert [len(message.recipients) for message in peer.handler.received] == [2, 2, 1]
+    assert len({message.connection for message in peer.handler.received}) == 1
+    assert sorted(peer.recipients()) == recipients
+    assert await store.list_queue() == []

@@ -141,6 +141,7 @@ class PeerHandler:
     arrived: threading.Event = field(default_factory=threading.Event)
     transports: list = field(default_factory=list)
     drop_next_mail: bool = False
+    max_recipients: int = 0  # 0: no limit; above it RCPT gets 452 4.5.3
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
         if self.drop_next_mail:
@@ -178,6 +179,8 @@ class PeerHandler:
             return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
         if address in self.busy:
             return "450 4.2.1 Mailbox busy, try again later"
+        if self.max_recipients and len(envelope.rcpt_tos) >= self.max_recipients:
+            return "452 4.5.3 Too many recipients"
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
 

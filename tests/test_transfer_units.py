@@ -222,3 +222,11 @@ def test_only_local_mailboxes_pass_policy(relay_policy, local, domain):
     assert domain.lower() == "here.test"
     assert not any(mark in local for mark in '%!@"')
     assert address == path.address
+
+
+def test_temporary_status_rewrites_class():
+    from mailstack.transfer.client import _temporary_status
+
+    assert _temporary_status("5.5.3 Too many recipients") == "4.5.3 Too many recipients"
+    assert _temporary_status("Too many recipients") == "Too many recipients"
+    assert _temporary_status("4.5.3 Too many") == "4.5.3 Too many"

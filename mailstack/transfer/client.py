@@ -150,6 +150,24 @@ def choose_source(target: str, candidates: Sequence[str]) -> str | None:
     return None
 
 
+def _temporary_status(message: str) -> str:
+    """Return a reply text whose 5.x.x enhanced status, if any, is made 4.x.x."""
+    match = _ENHANCED.match(message.lstrip())
+    if match and match.group(1) == "5":
+        text = message.lstrip()
+        return "4" + text[1:]
+    return message
+
+
+def _overflow(results: dict[str, Reply]) -> list[str]:
+    """Return the recipients that a RCPT reply deferred for exceeding the peer's recipient limit."""
+    return [
+        recipient
+        for recipient, reply in results.items()
+        if reply.code == 452 and reply.in_reply_to == "RCPT TO" and reply.status in ("4.5.3", "4.0.0")
+    ]
+
+
 def _encoding_needed(sender: str, recipients: Sequence[str]) -> bool:
     return not (sender.isascii() and all(r.isascii() for r in recipients))
 
@@ -251,6 +269,7 @@ class Sender:
         reusable = False
         try:
             result = await self._envelope_and_data(client, label, sender, recipients, data, log_id)
+            await self._send_overflow(client, label, sender, data, log_id, result)
             reusable = client.is_connected
             return result
         except aiosmtplib.SMTPServerDisconnected as exc:
@@ -429,7 +448,12 @@ class Sender:
             try:
                 await client.rcpt(recipient, encoding=encoding)
             except aiosmtplib.SMTPRecipientRefused as exc:
-                results[recipient] = peer_reply(exc.code, exc.message, label, "RCPT TO")
+                code, message = exc.code, exc.message
+                if code == 552:
+                    # RFC 5321 section 4.5.3.1.10: 552 to RCPT means too many
+                    # recipients, which the client treats as temporary.
+                    code, message = 452, _temporary_status(message)
+                results[recipient] = peer_reply(code, message, label, "RCPT TO")
                 log.info("%s: %s rejected %s: %s", log_id, label, recipient, results[recipient].text)
                 continue
             accepted.append(recipient)
@@ -451,6 +475,38 @@ class Sender:
         if reply.delivered:
             log.info("%s: %s accepted %d recipient(s): %s", log_id, label, len(accepted), reply.text)
         return results
+
+    async def _send_overflow(
+        self,
+        client: aiosmtplib.SMTP,
+        label: str,
+        sender: str,
+        data: bytes,
+        log_id: str,
+        results: dict[str, Reply],
+    ) -> None:
+        """Send to the recipients refused with "too many recipients" in further transactions.
+
+        A peer with a recipient limit answers 452 to the recipients beyond it
+        (RFC 5321 section 4.5.3.1.10). They get the message in more
+        transactions on the same connection for as long as each transaction
+        delivers to some of them. ``results`` is updated in place.
+        """
+        remaining = _overflow(results)
+        while remaining and client.is_connected:
+            log.info("%s: %s limits recipients; %d more in a new transaction", log_id, label, len(remaining))
+            try:
+                more = await self._envelope_and_data(client, label, sender, remaining, data, log_id)
+            except (aiosmtplib.SMTPException, OSError, _TryNextHost) as exc:
+                # Earlier transactions delivered; the rest stay deferred with their 452.
+                log.info("%s: further transaction with %s failed: %s", log_id, label, exc)
+                client.close()
+                return
+            results.update(more)
+            left = _overflow(more)
+            if len(left) == len(remaining):
+                return
+            remaining = left
 
     def _close_later(self, client: aiosmtplib.SMTP) -> None:
         task = asyncio.get_running_loop().create_task(self._close(client))
