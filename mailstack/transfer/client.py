@@ -485,9 +485,9 @@ class Sender:
         log_id: str,
         results: dict[str, Reply],
     ) -> None:
-        """Send to the recipients refused with "too many recipients" in further transactions.
+        """Send to the recipients rejected with "too many recipients" in further transactions.
 
-        A peer with a recipient limit answers 452 to the recipients beyond it
+        A peer with a recipient limit replies 452 to the recipients beyond it
         (RFC 5321 section 4.5.3.1.10). They get the message in more
         transactions on the same connection for as long as each transaction
         delivers to some of them. ``results`` is updated in place.

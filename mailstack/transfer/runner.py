@@ -231,8 +231,8 @@ class QueueRunner:
         """Renew the group's leases every third of the lease time while its attempt runs.
 
         A group may wait for a connection slot and then talk to a slow peer for
-        longer than one lease; without renewal another worker would start the
-        same recipients again.
+        longer than one lease. Without renewal, another worker would then start
+        the same recipients again.
         """
         interval = self.lease_time / 3
         while True:
