@@ -75,3 +75,34 @@ async def test_postgres_two_processes_distinct_uids(store):
     assert [p.returncode for p in processes] == [0, 0]
     uids = sorted(int(line) for out, _ in outputs for line in out.split())
     assert uids == list(range(1, 2 * count + 1))
+
+
+async def test_postgres_group_commit_submissions(store):
+    from mailstack.store.batch import SubmitBatcher
+    from mailstack.store.models import Delivery
+
+    alice = await store.create_account("alice@here.test", "pw")
+    carol = await store.create_account("carol@here.test", "pw")
+    batcher = SubmitBatcher(store)
+    assert batcher._sqlite is None, "PostgreSQL goes through the async engine"
+
+    async def one(index: int) -> str:
+        return await batcher.submit(
+            f"Subject: {index}\r\n\r\nbody {index}\r\n".encode(),
+            account_id=alice.id,
+            envelope_sender="alice@here.test",
+            local_account_ids=[carol.id],
+            remote_recipients=[f"user{index}@there.test"],
+        )
+
+    queue_ids = await asyncio.gather(*(one(i) for i in range(30)))
+    await batcher.close()
+    assert len(set(queue_ids)) == 30
+    assert batcher.batches < 30, "concurrent submissions share transactions"
+    inbox = await store.get_mailbox(carol.id, "INBOX")
+    outbox = await store.get_mailbox(alice.id, "Outbox")
+    assert (await store.mailbox_status(inbox.id)).messages == 30
+    assert (await store.mailbox_status(outbox.id)).messages == 30
+    async with store.read() as session:
+        recipients = sorted(await session.scalars(select(Delivery.recipient)))
+    assert recipients == sorted(f"user{i}@there.test" for i in range(30))
