@@ -139,3 +139,9 @@ def test_parse_plain():
         parse_plain(b"no separators")
     with pytest.raises(r.BadCommand):
         parse_plain(b"\0\xff\0secret")
+
+
+def test_view_sequences_of_skips_unknown():
+    view = make_view([3, 5, 8, 13])
+    assert view.sequences_of([3, 4, 8, 13, 20]) == [1, 3, 4]
+    assert view.sequences_of([]) == []

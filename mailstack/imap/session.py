@@ -691,11 +691,8 @@ class Session:
             # Changes from others may add messages, but not remove them, before a plain SEARCH.
             await self.sync(allow_expunge=False)
         uids = await search(self.store, view, command.key)
-        if command.uid:
-            numbers = uids
-        else:
-            numbers = [view.sequence_of(uid) or 0 for uid in uids]
-        line = b"SEARCH" + b"".join(b" %d" % n for n in numbers if n)
+        numbers = uids if command.uid else view.sequences_of(uids)
+        line = b"SEARCH" + b"".join(b" %d" % n for n in numbers)
         self.emit(r.untagged(line))
         return self.ok(command)
 

@@ -118,6 +118,24 @@ class MailboxView:
             return index + 1
         return None
 
+    def sequences_of(self, uids: list[int]) -> list[int]:
+        """Return the sequence numbers of sorted UIDs, skipping UIDs not in the view.
+
+        One merge walk over both sorted lists, instead of a binary search per UID.
+        """
+        found: list[int] = []
+        known = self.uids
+        position = 0
+        count = len(known)
+        for uid in uids:
+            while position < count and known[position] < uid:
+                position += 1
+            if position == count:
+                break
+            if known[position] == uid:
+                found.append(position + 1)
+        return found
+
     def uids_in_range(self, first: int, last: int) -> list[int]:
         """Return the known UIDs from ``first`` to ``last`` inclusive."""
         low = bisect.bisect_left(self.uids, first)
