@@ -196,3 +196,40 @@ async def test_append_to_by_name(store, account):
     assert await store.highest_modseq(inbox.id) == stored[0].modseq
     with pytest.raises(NotFound):
         await store.append_to(account.id, "Nowhere", MESSAGE % (3, 3))
+
+
+async def test_search_sql_on_each_database(store, account):
+    import datetime as dt
+
+    from mailstack.imap import commands as c
+    from mailstack.imap.search import search
+    from mailstack.imap.sequence import SequenceSet
+    from mailstack.imap.view import MailboxView
+
+    inbox = await store.get_mailbox(account.id, "INBOX")
+    old = dt.datetime(2020, 5, 1, 12, tzinfo=dt.timezone.utc)
+    await store.append(inbox.id, MESSAGE % (1, 1), internal_date=old)
+    await fill(store, inbox.id, 3)
+    await store.store_flags(inbox.id, [2], FlagMode.ADD, int(Flag.SEEN), ["$Work"])
+    await store.store_flags(inbox.id, [3], FlagMode.ADD, int(Flag.FLAGGED), ["$Private"])
+    mailbox, states = await store.message_states(inbox.id)
+    view = MailboxView(
+        mailbox.id, mailbox.name, mailbox.uidvalidity, mailbox.uidnext, mailbox.highestmodseq, states, read_only=False
+    )
+    cases = [
+        (c.SearchFlag("\\Seen", False), [1, 3, 4]),
+        (c.SearchFlag("$work", True), [2]),
+        (c.SearchNot(c.SearchFlag("$Work", True)), [1, 3, 4]),
+        (c.SearchOr(c.SearchFlag("\\Flagged", True), c.SearchFlag("\\Seen", True)), [2, 3]),
+        (c.SearchDate(c.DateField.INTERNAL, c.DateRelation.BEFORE, dt.date(2021, 1, 1)), [1]),
+        (c.SearchDate(c.DateField.INTERNAL, c.DateRelation.ON, dt.date(2020, 5, 1)), [1]),
+        (c.SearchSize(c.SizeRelation.LARGER, 10), [1, 2, 3, 4]),
+        (c.SearchSize(c.SizeRelation.SMALLER, 10), []),
+        (c.SearchSequenceSet(SequenceSet.parse("2:3"), uid=True), [2, 3]),
+        (c.SearchSequenceSet(SequenceSet.parse("*"), uid=False), [4]),
+        # fill() numbers its messages from 0: UIDs 2, 3 and 4 have subjects 0, 1 and 2.
+        (c.SearchAnd((c.SearchHeader("SUBJECT", "2"), c.SearchFlag("\\Seen", False))), [4]),
+        (c.SearchText("body 1"), [1, 3]),
+    ]
+    for key, expected in cases:
+        assert await search(store, view, key) == expected, key
