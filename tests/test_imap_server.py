@@ -1154,3 +1154,25 @@ async def test_chained_literals_capped_per_command(harness):
     assert replies[1].startswith(b"+")
     assert replies[2].startswith(b"a BAD")
     assert after[-1] == b"b OK NOOP completed"
+
+
+async def test_rename_by_other_session_ends_selected(harness, monkeypatch):
+    from mailstack.imap import session as session_module
+
+    monkeypatch.setattr(session_module, "RECHECK_INTERVAL", 0.0)
+    await harness.store.create_mailbox(harness.account_id, "Projects")
+
+    def check():
+        first = raw_connect(harness, login=True)
+        second = raw_connect(harness, login=True)
+        first.send(b"s SELECT Projects\r\n")
+        first.until_tagged(b"s")
+        second.send(b"r RENAME Projects Done\r\n")
+        renamed = second.until_tagged(b"r")
+        first.send(b"n NOOP\r\n")
+        return renamed, first.line(), first.closed()
+
+    renamed, line, closed = await run(check)
+    assert renamed[-1].startswith(b"r OK")
+    assert line == b"* BYE the selected mailbox was renamed by another session"
+    assert closed

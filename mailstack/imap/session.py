@@ -287,6 +287,10 @@ class Session:
             # Another session deleted the selected mailbox: nothing in the view is valid any more.
             self._deselect()
             raise r.Bye("the selected mailbox was deleted by another session")
+        if changes.uidvalidity is not None and changes.uidvalidity != view.uidvalidity:
+            # Renamed by another session: the client's UIDs no longer fit the name it selected.
+            self._deselect()
+            raise r.Bye("the selected mailbox was renamed by another session")
         update = view.apply(changes, allow_expunge=allow_expunge)
         self.emit_update(update)
         return bool(update)

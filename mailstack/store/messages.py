@@ -84,6 +84,8 @@ class MailboxChanges:
     uidnext: int
     changed: list[MessageState]
     expunged: list[int]
+    # The mailbox's UIDVALIDITY now: a new value means it was renamed (or replaced).
+    uidvalidity: int | None = None
 
 
 @dataclass(frozen=True)
@@ -239,14 +241,16 @@ class MessagesMixin(StoreBase):
         async with self.engine.connect() as connection, connection.begin():
             row = (
                 await connection.execute(
-                    select(Mailbox.highestmodseq, Mailbox.uidnext).where(Mailbox.id == mailbox_id)
+                    select(Mailbox.highestmodseq, Mailbox.uidnext, Mailbox.uidvalidity).where(
+                        Mailbox.id == mailbox_id
+                    )
                 )
             ).one_or_none()
             if row is None:
                 raise NotFound(f"mailbox {mailbox_id} not found")
-            highest, uidnext = row
+            highest, uidnext, uidvalidity = row
             if highest <= modseq:
-                return MailboxChanges(highest, uidnext, [], [])
+                return MailboxChanges(highest, uidnext, [], [], uidvalidity)
             changed = [
                 MessageState(uid, mseq, flags, split_keywords(kw))
                 for uid, mseq, flags, kw in await connection.execute(
@@ -262,7 +266,7 @@ class MessagesMixin(StoreBase):
                     .order_by(Expunged.uid)
                 )
             )
-        return MailboxChanges(highest, uidnext, changed, expunged)
+        return MailboxChanges(highest, uidnext, changed, expunged, uidvalidity)
 
     async def highest_modseq(self, mailbox_id: int) -> int | None:
         """Return the mailbox's HIGHESTMODSEQ, or None when it no longer exists."""
