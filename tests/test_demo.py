@@ -465,6 +465,22 @@ def test_healthcheck_probes_world(world: dict[str, Any]) -> None:
 # Guards a user runs into -------------------------------------------------------------------
 
 
+def test_second_demo_same_folder_rejected(demo: Demo) -> None:
+    """A second demo on a folder in use stops at once and leaves the first one's world.json."""
+    before = (demo.data_dir / "world.json").read_text()
+    result = subprocess.run(
+        [sys.executable, "-m", "mailstack", "demo", "--data", str(demo.data_dir), "--addresses", "127.0.8.99,127.0.8.98,127.0.8.97"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "another `mailstack demo` is using" in result.stderr
+    assert "nothing was started" in result.stderr
+    assert (demo.data_dir / "world.json").read_text() == before
+
+
 def test_wrong_password_rejected(world: dict[str, Any]) -> None:
     here, _ = account(world, "alice@here.test")
     with smtplib.SMTP(here["address"], here["ports"]["submission"], timeout=30) as client:

@@ -140,14 +140,17 @@ async def run_demo(world: World, *, fresh: bool, check: bool, timeout: float, si
         click.echo(f"mailstack demo: {exc}", err=True)
         return 1
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            world.world_file.unlink()
+        # world.json belongs to whoever holds the data folder's lock: a demo that
+        # was rejected because another one runs there must leave its file alone.
+        if locks:
+            with contextlib.suppress(FileNotFoundError):
+                world.world_file.unlink()
         await supervisor.stop(world.shutdown_timeout + KILL_MARGIN)
         for descriptor in locks:
             os.close(descriptor)
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
-        click.echo("mailstack demo: stopped", err=True)
+        click.echo("mailstack demo: stopped" if locks else "mailstack demo: nothing was started", err=True)
 
 
 def _log_to_stream(sink: TextIO, *, json_format: bool) -> None:
