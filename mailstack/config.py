@@ -303,7 +303,8 @@ def to_dict(config: Any, *, mask_secrets: bool = True) -> dict[str, dict[str, An
         for field in dataclasses.fields(section):
             value = getattr(section, field.name)
             if isinstance(value, Path):
-                value = str(value)
+                # An unset file option is Path(""), which Python spells ".".
+                value = "" if field.metadata.get("must_exist") and str(value) == "." else str(value)
             elif isinstance(value, tuple):
                 value = [str(v) if isinstance(v, Path) else v for v in value]
             if mask_secrets and field.metadata.get("secret") and value:

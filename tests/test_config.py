@@ -131,3 +131,10 @@ def test_config_check_command_prints_effective_values(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "port = 2587" in result.stdout
     assert 'url = "********"' in result.stdout
+
+
+def test_unset_file_options_print_empty(tmp_path):
+    shown = config.to_dict(config.load(MailServerConfig, write(tmp_path, ""), environ={}))
+    assert shown["tls"]["cert_file"] == ""
+    assert shown["tls"]["key_file"] == ""
+    assert shown["transfer"]["tls_ca_file"] == ""

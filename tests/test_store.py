@@ -68,8 +68,10 @@ async def test_newer_schema_is_refused(tmp_path):
 
 
 async def test_unmigrated_database_refused_without_upgrade(tmp_path):
-    with pytest.raises(SchemaError, match="mailstack db upgrade"):
+    with pytest.raises(SchemaError, match="has no mailstack schema") as caught:
         await Store.open(url_for(tmp_path / "mail.db"), upgrade=False)
+    assert "--config" in str(caught.value)
+    assert "mailstack db upgrade" in str(caught.value)
 
 
 async def test_new_account_gets_special_use_mailboxes(store):

@@ -91,6 +91,12 @@ async def check_current(engine: AsyncEngine) -> None:
     """Raise SchemaError unless the database is at this code's head revision."""
     revision = await current_revision(engine)
     head = head_revision()
+    if revision is None:
+        raise SchemaError(
+            f"the database {engine.url.render_as_string(hide_password=True)} has no mailstack schema: "
+            "check that --config names this server's configuration, or create the schema with "
+            "`mailstack db upgrade`"
+        )
     if revision != head:
         raise SchemaError(
             f"the database schema is at revision {revision or 'none (empty database)'}, "
