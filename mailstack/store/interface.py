@@ -94,7 +94,7 @@ class DeliveryStore(Protocol):
 
 @runtime_checkable
 class MessageStore(Protocol):
-    """Messages as IMAP sees them: fetch, flags, expunge, copy, move and changes."""
+    """Messages for mailbox access: fetch, flags, expunge, copy, move and changes."""
 
     async def message_states(self, mailbox_id: int) -> tuple[Mailbox, list[MessageState]]: ...
     async def mailbox_keywords(self, mailbox_id: int) -> set[str]: ...
