@@ -509,6 +509,16 @@ def test_port_25_rejects_relay(world: dict[str, Any]) -> None:
     assert 550 <= code <= 554
 
 
+def test_postmaster_reaches_first_account(world: dict[str, Any]) -> None:
+    there, _ = account(world, "bob@there.test")
+    with smtplib.SMTP(there["address"], there["ports"]["smtp"], timeout=30) as client:
+        client.ehlo("peer.test")
+        code, _ = client.mail("someone@example.org")
+        assert code == 250
+        code, reply = client.rcpt("Postmaster@there.test")
+    assert code == 250, reply
+
+
 def test_imap_login_wrong_password(world: dict[str, Any]) -> None:
     there, _ = account(world, "bob@there.test")
     with imaplib.IMAP4_SSL(there["address"], there["ports"]["imaps"], ssl_context=client_context(world), timeout=30) as client:

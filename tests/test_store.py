@@ -150,6 +150,16 @@ async def test_alias_receives_and_may_send(store):
     assert await store.resolve_recipient("bob@here.test") is None
 
 
+async def test_alias_add_is_idempotent(store):
+    await store.create_account("alice@here.test", "pw")
+    await store.create_account("carol@here.test", "pw")
+    await store.add_alias("postmaster@here.test", "alice@here.test")
+    await store.add_alias("postmaster@here.test", "alice@here.test")
+    assert await store.list_aliases("alice@here.test") == ["postmaster@here.test"]
+    with pytest.raises(AlreadyExists, match="for another account"):
+        await store.add_alias("postmaster@here.test", "carol@here.test")
+
+
 async def test_submit_stores_one_transaction(store):
     alice = await store.create_account("alice@here.test", "pw")
     carol = await store.create_account("carol@here.test", "pw")

@@ -246,6 +246,17 @@ async def _ensure_accounts(world: World, supervisor: Supervisor, server: MailSer
             input_text=password,
         )
 
+    # RFC 5321 requires a postmaster mailbox in every domain: the first account gets it.
+    postmaster = f"postmaster@{server.domain}"
+    try:
+        await supervisor.run(
+            f"user alias {postmaster}",
+            mailstack_command("user", "alias", postmaster, server.accounts[0], "--config", config),
+        )
+    except ChildFailed as failure:
+        # On a later run the alias is already there, which is what we want.
+        log.info("postmaster alias of %s not added: %s", server.domain, failure)
+
 
 # Start and readiness -----------------------------------------------------------------
 

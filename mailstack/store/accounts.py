@@ -192,6 +192,7 @@ class AccountsMixin(StoreBase):
     # Aliases -------------------------------------------------------------
 
     async def add_alias(self, alias: str, address: str) -> None:
+        """Point ``alias`` at account ``address``; adding the same alias again changes nothing."""
         alias = normalize_address(alias)
         address = normalize_address(address)
         _local, alias_domain = split_address(alias)
@@ -203,6 +204,11 @@ class AccountsMixin(StoreBase):
                 raise NotFound(f"domain {alias_domain} not found")
             if await session.scalar(select(Account.id).where(Account.address == alias)):
                 raise AlreadyExists(f"{alias} is an account")
+            existing = await session.scalar(select(Alias).where(Alias.address == alias))
+            if existing is not None:
+                if existing.account_id == account.id:
+                    return
+                raise AlreadyExists(f"alias {alias} already exists for another account; remove it first")
             session.add(Alias(address=alias, account_id=account.id))
             try:
                 await session.flush()
