@@ -114,3 +114,26 @@ def test_serve_rejects_bad_login_and_logs_it(served):
     log = log_path.read_text()
     assert "login failed for 'bob@here.test'" in log
     assert "not the password" not in log
+
+
+def test_list_wildcard_attack_answers_promptly(served):
+    """LIST with alternating % and * against a long name must not stall the process.
+
+    A backtracking matcher needs time exponential in the number of wildcard pairs
+    here and blocks the event loop, so the socket timeout is the failure mode.
+    """
+    _port, tls_port, ca_file, process, _log_path = served
+    context = ssl.create_default_context(cafile=str(ca_file))
+    client = imaplib.IMAP4_SSL(HOST, tls_port, ssl_context=context, timeout=5)
+    client.login("bob@here.test", PASSWORD)
+    long_name = "x" * 1000
+    assert client.create(long_name)[0] == "OK"
+
+    typ, listed = client.list('""', '"' + "%*" * 8 + '!"')
+    assert typ == "OK"
+    assert listed == [None]
+    typ, listed = client.list('""', '"' + "%*" * 8 + 'x"')
+    assert typ == "OK"
+    assert any(long_name.encode() in line for line in listed)
+    assert client.noop()[0] == "OK"
+    client.logout()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import re
+
 import pytest
 
 from mailstack.imap import response as r
@@ -119,10 +122,74 @@ def test_encoded_flags_order():
         ("", "Inbox/*", "INBOX/Sub", True),
         ("", "sent", "Sent", False),
         ("", "a.b", "axb", False),
+        ("", "", "", True),
+        ("", "", "a", False),
+        ("", "*", "", True),
+        ("", "%", "", True),
+        ("", "Projects", "Projects/2026", False),
+        ("", "Projects*", "Projects/2026/Q1", True),
+        ("", "Projects%", "Projects/2026", False),
+        ("", "Projects/%/Q1", "Projects/2026/Q1", True),
+        ("", "Projects/%/Q1", "Projects/2026/x/Q1", False),
+        ("", "Projects/*/Q1", "Projects/2026/x/Q1", True),
+        ("", "%/%", "a/b", True),
+        ("", "%/%", "a/b/c", False),
+        ("", "%%%", "a/b", False),
+        ("", "%*%", "a/b", True),
+        ("", "*%*%", "a/b/c", True),
+        ("", "%a%", "bab", True),
+        ("", "%a%", "b/ab", False),
+        ("", "*a", "bab", False),
+        ("", "*b", "bab", True),
+        ("", "INBOX*", "INBOX", True),
+        ("", "inBoX/%", "INBOX/Sub", True),
+        ("", "INBOX", "Inbox", True),
+        ("", "inbox/sub", "INBOX/Sub", False),
+        ("", "%nbox", "INBOX", False),
+        ("IN", "BOX", "inbox", True),
+        ("", "Projects/", "Projects", False),
+        ("", "x" * 1001, "x" * 1000, False),
     ],
 )
 def test_mailbox_pattern(reference, pattern, name, matches):
-    assert bool(mailbox_pattern(reference, pattern).match(name)) is matches
+    assert mailbox_pattern(reference, pattern).match(name) is matches
+
+
+def backtracking_pattern(reference: str, pattern: str) -> re.Pattern[str]:
+    """The regular-expression form of a LIST pattern, a reference for short inputs only."""
+    if reference.endswith("/") and pattern.startswith("/"):
+        pattern = pattern[1:]
+    full = reference + pattern
+    parts = []
+    for char in full:
+        if char == "*":
+            parts.append(".*")
+        elif char == "%":
+            parts.append("[^/]*")
+        else:
+            parts.append(re.escape(char))
+    if full[:5].upper() == "INBOX":
+        parts[:5] = ["(?i:INBOX)"]
+    return re.compile("".join(parts) + r"\Z", re.DOTALL)
+
+
+def test_mailbox_pattern_agrees_with_regex():
+    """Every pattern up to 4 characters over {a, /, *, %} against every name up to 4 over {a, b, /}."""
+    patterns = ["".join(p) for size in range(5) for p in itertools.product("a/*%", repeat=size)]
+    names = ["".join(n) for size in range(5) for n in itertools.product("ab/", repeat=size)]
+    for pattern in patterns:
+        compiled = mailbox_pattern("", pattern)
+        expected = backtracking_pattern("", pattern)
+        for name in names:
+            assert compiled.match(name) is bool(expected.match(name)), (pattern, name)
+
+
+def test_mailbox_pattern_long_name_with_many_wildcards():
+    name = "x" * 1000
+    assert mailbox_pattern("", "%*" * 500 + "!").match(name) is False
+    assert mailbox_pattern("", "%*" * 500 + "x").match(name) is True
+    assert mailbox_pattern("", "*x" * 1000).match(name) is True
+    assert mailbox_pattern("", "*x" * 1001).match(name) is False
 
 
 def test_uid_set_text_keeps_order():

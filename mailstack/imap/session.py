@@ -25,7 +25,6 @@ import asyncio
 import enum
 import importlib.metadata
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -159,24 +158,73 @@ class ChangeHub:
             self._poller.cancel()
 
 
-def mailbox_pattern(reference: str, pattern: str) -> re.Pattern[str]:
-    """Compile a LIST pattern: ``*`` matches anything, ``%`` anything but the delimiter."""
-    if reference.endswith(DELIMITER) and pattern.startswith(DELIMITER):
-        pattern = pattern[1:]
-    full = reference + pattern
-    parts = []
-    for char in full:
-        if char == "*":
-            parts.append(".*")
-        elif char == "%":
-            parts.append("[^" + re.escape(DELIMITER) + "]*")
-        else:
-            parts.append(re.escape(char))
-    text = "".join(parts)
-    # INBOX is case-insensitive: match it in any case at the start of the pattern.
-    if full[:5].upper() == "INBOX":
-        text = "(?i:INBOX)" + "".join(parts[5:])
-    return re.compile(text + r"\Z", re.DOTALL)
+class MailboxPattern:
+    """A LIST pattern: ``*`` matches anything, ``%`` anything but the delimiter.
+
+    Matching runs the pattern as a nondeterministic automaton over the name, with
+    the set of reachable pattern positions kept as bits of one integer. It takes
+    one step per character of the name, whatever the wildcards, so no pattern can
+    make it backtrack. When the full pattern starts with INBOX, those five
+    characters match in any case (compared after ``str.upper``, as
+    ``canonical_name`` does).
+    """
+
+    def __init__(self, reference: str, pattern: str) -> None:
+        if reference.endswith(DELIMITER) and pattern.startswith(DELIMITER):
+            pattern = pattern[1:]
+        full = reference + pattern
+        # Collapse each run of wildcards: a run with any * is one *, a run of % alone is one %.
+        tokens: list[str] = []
+        for char in full:
+            if char in "*%" and tokens and tokens[-1] in ("*", "%"):
+                if char == "*":
+                    tokens[-1] = "*"
+                continue
+            tokens.append(char)
+
+        inbox_prefix = full[:5].upper() == INBOX
+        self._exact: dict[str, int] = {}
+        self._folded: dict[str, int] = {}
+        self._star = 0
+        self._percent = 0
+        for position, token in enumerate(tokens):
+            bit = 1 << position
+            if token == "*":
+                self._star |= bit
+            elif token == "%":
+                self._percent |= bit
+            elif inbox_prefix and position < 5:
+                self._folded[INBOX[position]] = self._folded.get(INBOX[position], 0) | bit
+            else:
+                self._exact[token] = self._exact.get(token, 0) | bit
+        self._accept = 1 << len(tokens)
+        # Each literal needs one character, so a shorter name is rejected before the loop.
+        # This also bounds the integers in the loop to about twice the name's length in bits.
+        self._min_length = len(tokens) - bin(self._star | self._percent).count("1")
+
+    def _close(self, positions: int) -> int:
+        # A wildcard may match nothing. Runs were collapsed, so one step reaches every position.
+        return positions | ((positions & (self._star | self._percent)) << 1)
+
+    def match(self, name: str) -> bool:
+        """Return True when ``name`` matches the whole pattern."""
+        if len(name) < self._min_length:
+            return False
+        positions = self._close(1)
+        for char in name:
+            wildcards = self._star if char == DELIMITER else self._star | self._percent
+            literals = self._exact.get(char, 0)
+            if self._folded:
+                literals |= self._folded.get(char.upper(), 0)
+            positions = self._close((positions & wildcards) | ((positions & literals) << 1))
+            if not positions:
+                return False
+        return bool(positions & self._accept)
+
+
+def mailbox_pattern(reference: str, pattern: str) -> MailboxPattern:
+    """Compile a LIST pattern given relative to ``reference``."""
+    return MailboxPattern(reference, pattern)
 
 
 class Session:
