@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import smtplib
 
 import pytest
 
 from mailstack import tls
+from mailstack.smtp import session as session_module
 from mailstack.smtp import Listener, Reply, SMTPError, SMTPHandler, SMTPOptions, SMTPServer
 from test_submission_support import HOST, RawClient
 
@@ -189,3 +191,60 @@ async def test_starttls_twice_refused(smtp, ssl_context):
     await client.command("EHLO c.test")
     assert await client.command("STARTTLS") == (503, ["5.5.1 TLS already active"])
     await client.close()
+
+
+async def test_implicit_tls_limit_counts_before_handshake(ssl_context):
+    # Clients that connect to the implicit-TLS port and never send a
+    # ClientHello still take a per-address slot.
+    server = SMTPServer(
+        "test",
+        RecordingHandler(),
+        SMTPOptions(hostname="mx.test", max_message_size=5000, max_connections_per_address=3),
+        ssl_context[0],
+    )
+    [(_, tls_port)] = await server.listen(HOST, 0, Listener("implicit", tls="implicit"))
+    silent = []
+    try:
+        for _ in range(5):
+            silent.append(await asyncio.open_connection(HOST, tls_port, local_addr=("127.0.4.2", 0)))
+        # The two over the limit are closed at once, without waiting for a handshake timeout.
+        for reader, _ in silent[3:]:
+            assert await asyncio.wait_for(reader.read(), 3) == b""
+        assert sum(server._per_address.values()) == 3
+
+        def send_one() -> dict:
+            context = client_context(ssl_context[1])
+            with smtplib.SMTP_SSL(HOST, tls_port, context=context, source_address=("127.0.4.3", 0), timeout=10) as client:
+                client.ehlo("c.test")
+                return client.sendmail("a@x.test", ["b@x.test"], b"Subject: s\r\n\r\nhi\r\n")
+
+        assert await asyncio.to_thread(send_one) == {}
+        assert [message[0] for message in server.handler.messages] == ["a@x.test"]
+    finally:
+        for _, writer in silent:
+            writer.close()
+        await server.close(2.0)
+    assert not server.sessions
+    assert not server._per_address
+
+
+async def test_implicit_tls_handshake_timeout_frees_slot(ssl_context, monkeypatch):
+    monkeypatch.setattr(session_module, "TLS_HANDSHAKE_TIMEOUT", 0.2)
+    server = SMTPServer(
+        "test",
+        RecordingHandler(),
+        SMTPOptions(hostname="mx.test", max_message_size=5000, max_connections_per_address=1),
+        ssl_context[0],
+    )
+    [(_, tls_port)] = await server.listen(HOST, 0, Listener("implicit", tls="implicit"))
+    try:
+        reader, writer = await asyncio.open_connection(HOST, tls_port)
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        await asyncio.wait_for(server._idle.wait(), 5)
+        assert not server._per_address
+        client = await RawClient.connect(tls_port, ssl_context=client_context(ssl_context[1]))
+        assert (await client.command("EHLO c.test"))[0] == 250
+        await client.close()
+    finally:
+        await server.close(2.0)

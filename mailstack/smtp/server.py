@@ -11,14 +11,13 @@ from typing import Literal
 
 from mailstack.smtp import replies
 from mailstack.smtp.replies import Reply
-from mailstack.smtp.session import SMTPHandler, SMTPSession
+from mailstack.smtp.session import TLS_HANDSHAKE_TIMEOUT, SMTPHandler, SMTPSession
 
 log = logging.getLogger(__name__)
 
 TLSMode = Literal["none", "starttls", "implicit"]
 
-# Time allowed for the TLS handshake of an implicit-TLS connection.
-TLS_HANDSHAKE_TIMEOUT = 30.0
+__all__ = ["TLS_HANDSHAKE_TIMEOUT", "Listener", "SMTPOptions", "SMTPServer", "TLSMode"]
 
 
 @dataclass(frozen=True)
@@ -91,13 +90,12 @@ class SMTPServer:
         if listener.tls != "none" and self.ssl_context is None:
             raise ValueError(f"listener {listener.name} needs TLS but the server has no SSL context")
         loop = asyncio.get_running_loop()
-        implicit = listener.tls == "implicit"
+        # Implicit-TLS listeners accept plain TCP too: the session counts the
+        # connection first and then runs the handshake itself.
         server = await loop.create_server(
             lambda: SMTPSession(self, listener),
             host=host,
             port=port,
-            ssl=self.ssl_context if implicit else None,
-            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if implicit else None,
             reuse_address=True,
             start_serving=True,
         )

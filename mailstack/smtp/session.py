@@ -14,6 +14,7 @@ import binascii
 import logging
 import random
 import secrets
+from asyncio import sslproto
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +44,11 @@ READER_LIMIT = 64 * 1024
 COMMAND_LIMITS = {"MAIL": 512 + 26 + 10 + 20 + 64, "RCPT": 512, "AUTH": 12288}
 
 AUTH_MECHANISMS = ("PLAIN", "LOGIN")
+
+# Seconds an implicit-TLS client has to finish the TLS handshake. The
+# connection counts against the limits from the moment it is accepted, so
+# this bounds how long a client that never sends a ClientHello keeps a slot.
+TLS_HANDSHAKE_TIMEOUT = 10.0
 
 # Session ids only tell log lines apart, so a PRNG seeded once from the OS is
 # enough; reading os.urandom for each connection was measurably slow.
@@ -150,6 +156,8 @@ class SMTPSession(SMTP):
         self._greeted = False
         self._close_after_reply = False
         self._released = False
+        # The socket of an implicit-TLS connection while its handshake runs.
+        self._handshake_transport: asyncio.BaseTransport | None = None
         # An instance copy: aiosmtpd keeps this mapping on the class and grows it
         # at every EHLO, which would let the limits creep up across sessions.
         self.command_size_limits = defaultdict(lambda: self.command_size_limit, COMMAND_LIMITS)
@@ -176,10 +184,56 @@ class SMTPSession(SMTP):
             if refusal is not None:
                 self._refused = True
                 self.log.warning("connection from %s refused: %s", self.client_address, refusal.render())
-                transport.write(refusal.render().encode("ascii") + b"\r\n")
+                if self.listener.tls != "implicit":
+                    # A client on an implicit-TLS port expects a ClientHello
+                    # reply, so it gets no plaintext 421, only the close.
+                    transport.write(refusal.render().encode("ascii") + b"\r\n")
                 transport.close()
                 return
             self._admitted = True
+            if self.listener.tls == "implicit":
+                self._start_implicit_tls(transport)
+                return
+        elif self._handshake_transport is not None:
+            # The implicit-TLS handshake has finished: the session starts now.
+            self._handshake_transport = None
+            upgrade = False
+        self._start_session(transport, upgrade)
+
+    def _start_implicit_tls(self, transport: asyncio.BaseTransport) -> None:
+        """Put the server side of a TLS handshake (RFC 8314) between the socket and this session.
+
+        The connection is counted already. The TLS layer is installed before
+        this call returns, so no byte of the ClientHello reaches the SMTP
+        reader. The TLS layer calls connection_made() again after the
+        handshake, and the SMTP session starts then.
+        """
+        waiter = self.loop.create_future()
+        waiter.add_done_callback(self._implicit_tls_done)
+        tls_protocol = sslproto.SSLProtocol(
+            self.loop,
+            self,
+            self.server.ssl_context,
+            waiter,
+            server_side=True,
+            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
+        )
+        self._handshake_transport = transport
+        transport.set_protocol(tls_protocol)
+        tls_protocol.connection_made(transport)
+
+    def _implicit_tls_done(self, waiter: asyncio.Future) -> None:
+        if self._handshake_transport is None:
+            return
+        # The handshake failed, timed out or the peer closed first: the TLS
+        # layer has closed the socket and never calls connection_lost() here.
+        self._handshake_transport = None
+        error = None if waiter.cancelled() else waiter.exception()
+        reason = repr(error) if error is not None else "connection closed by the peer"
+        self.log.info("TLS handshake with %s failed: %s", self.client_address, reason)
+        self._release()
+
+    def _start_session(self, transport: asyncio.BaseTransport, upgrade: bool) -> None:
         super().connection_made(transport)
         state: SessionState = self.session  # type: ignore[assignment]
         state.id = self.session_id
@@ -203,12 +257,16 @@ class SMTPSession(SMTP):
                 f"TLS {state.tls_version}" if state.tls_version else "plaintext",
             )
 
+    def _release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.server._release(self)
+
     def connection_lost(self, error: Exception | None) -> None:
         if self._refused:
             return
         if not self._released:
-            self._released = True
-            self.server._release(self)
+            self._release()
             self.log.info("closed%s", f": {error}" if error else "")
         super().connection_lost(error)
 
@@ -229,6 +287,9 @@ class SMTPSession(SMTP):
 
     def close_idle(self) -> bool:
         """Send 421 and close when no command is running; return whether it did."""
+        if self._handshake_transport is not None:
+            self._handshake_transport.abort()  # type: ignore[attr-defined]
+            return True
         if self.busy or self.transport is None:
             return False
         self._write_now(replies.SHUTTING_DOWN)
@@ -236,6 +297,8 @@ class SMTPSession(SMTP):
         return True
 
     def abort(self) -> None:
+        if self._handshake_transport is not None:
+            self._handshake_transport.abort()  # type: ignore[attr-defined]
         if self.transport is not None:
             self.transport.abort()  # type: ignore[attr-defined]
 
