@@ -974,6 +974,33 @@ async def test_authenticate_continuation_and_cancel(harness):
     assert again[-1].startswith(b"c BAD")
 
 
+async def test_authenticate_rejected_before_continuation(harness):
+    """AUTHENTICATE that cannot succeed gets its NO at once, so no credentials are sent."""
+
+    def check():
+        sock = socket.create_connection((HOST, harness.port), timeout=5)
+        plain = RawClient(sock)
+        plain.line()
+        plain.send(b"a1 AUTHENTICATE PLAIN\r\n")
+        before_tls = plain.line()
+        plain.send(b"a2 AUTHENTICATE CRAM-MD5\r\n")
+        unknown_before_tls = plain.line()
+        plain.send(b"a3 NOOP\r\n")
+        after = plain.until_tagged(b"a3")
+        secure = raw_connect(harness)
+        secure.send(b"b1 AUTHENTICATE CRAM-MD5\r\n")
+        unknown_mechanism = secure.line()
+        secure.send(b"b2 NOOP\r\n")
+        return before_tls, unknown_before_tls, after, unknown_mechanism, secure.until_tagged(b"b2")
+
+    before_tls, unknown_before_tls, after, unknown_mechanism, secure_after = await run(check)
+    assert before_tls.startswith(b"a1 NO [PRIVACYREQUIRED]")
+    assert unknown_before_tls.startswith(b"a2 NO [PRIVACYREQUIRED]")
+    assert after == [b"a3 OK NOOP completed"]
+    assert unknown_mechanism.startswith(b"b1 NO [CANNOT]")
+    assert secure_after == [b"b2 OK NOOP completed"]
+
+
 async def test_commands_checked_against_state(harness):
     def check():
         client = raw_connect(harness)

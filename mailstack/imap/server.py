@@ -384,6 +384,7 @@ class Connection:
             if isinstance(command, c.Idle):
                 return await self.idle(command)
             if isinstance(command, c.Authenticate) and command.initial_response is None:
+                session.check_authenticate(command)
                 await self.send(r.continuation(""))
                 line = await self.read_continuation()
                 command = c.Authenticate(command.tag, command.mechanism, decode_sasl_response(line, command.tag))

@@ -408,12 +408,22 @@ class Session:
     async def do_login(self, command: c.Login) -> bytes:
         return await self.login(command.tag, command.username, command.password, command.name)
 
+    def check_authenticate(self, command: c.Authenticate) -> None:
+        """Raise the NO for an AUTHENTICATE that cannot succeed.
+
+        The connection calls this before it sends the ``+`` continuation, so a client
+        is never invited to send credentials over plaintext or for an unknown mechanism.
+        """
+        if not self.tls_active:
+            log.info("session %s: AUTHENTICATE rejected: TLS is not active", self.client.session_id)
+            raise r.PrivacyRequired("AUTHENTICATE needs TLS first: use STARTTLS or port 993")
+        if command.mechanism != "PLAIN":
+            log.info("session %s: AUTHENTICATE rejected: mechanism %r", self.client.session_id, command.mechanism[:32])
+            raise r.CommandFailed(f"unsupported SASL mechanism {command.mechanism[:32]}; use PLAIN", code=b"CANNOT")
+
     async def do_authenticate(self, command: c.Authenticate) -> bytes:
         # The connection reads a missing initial response and passes it in as ``initial_response``.
-        if command.mechanism != "PLAIN":
-            raise r.CommandFailed(f"unsupported SASL mechanism {command.mechanism[:32]}; use PLAIN", code=b"CANNOT")
-        if not self.tls_active:
-            raise r.PrivacyRequired("AUTHENTICATE needs TLS first: use STARTTLS or port 993")
+        self.check_authenticate(command)
         username, password = parse_plain(command.initial_response or b"")
         return await self.login(command.tag, username, password, command.name)
 
