@@ -248,3 +248,30 @@ async def test_implicit_tls_handshake_timeout_frees_slot(ssl_context, monkeypatc
         await client.close()
     finally:
         await server.close(2.0)
+
+
+async def test_bare_lf_command_line_rejected(smtp):
+    server, handler, port, _ = smtp
+    client = await RawClient.connect(port)
+    await client.command("EHLO c.test")
+    bare_lf = (500, ["5.5.2 Syntax error: bare LF in command line, lines must end with CRLF"])
+    # One line up to CRLF, so one reply: not two commands.
+    await client.send(b"FOO\nBAR\r\nNOOP\r\n")
+    assert await client.reply() == bare_lf
+    assert await client.reply() == (250, ["2.0.0 OK"])
+    await client.send(b"NOOP\nNOOP\r\n")
+    assert await client.reply() == bare_lf
+    assert await client.command("MAIL FROM:<a@x.test>") == (250, ["2.1.0 Sender OK"])
+    await client.send(b"RCPT TO:<b@x.test>\nRCPT TO:<c@x.test>\r\n")
+    assert await client.reply() == bare_lf
+    assert (await client.command("RCPT TO:<d@x.test>"))[0] == 250
+    # A line over the reader's limit is discarded whole, even with a bare LF in its tail.
+    await client.send(b"NOOP " + b"x" * 70000 + b"\ntail\r\nNOOP\r\n")
+    assert (await client.reply())[0] == 500
+    assert await client.reply() == (250, ["2.0.0 OK"])
+    # DATA and its end are unchanged.
+    assert (await client.command("DATA"))[0] == 354
+    await client.send(b"Subject: s\r\n\r\nbody\r\n.\r\n")
+    assert await client.reply() == (250, ["2.0.0 Stored"])
+    assert handler.messages == [("a@x.test", ["d@x.test"], b"Subject: s\r\n\r\nbody\r\n")]
+    await client.close()

@@ -44,6 +44,8 @@ What the base guarantees, so handlers need not check it:
 - MAIL and RCPT: a bad path gets 501 5.1.3; a declared SIZE over the limit
   552 5.3.4; unknown parameters 555 5.5.4; a non-ASCII address without
   SMTPUTF8 553 5.6.7.
+- A command line ends only at CRLF: a line with a bare LF in it gets one
+  500 5.5.2 and is not run.
 - DATA ends only at CRLF "." CRLF. A bare CR or LF anywhere gives
   550 5.6.0, a line over 998 octets 500 5.5.2, a message over SIZE
   552 5.3.4; each after reading to the final dot, with exactly one reply

@@ -16,6 +16,7 @@ import random
 import secrets
 from asyncio import sslproto
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.smtp import SMTP, Envelope as _AiosmtpdEnvelope, Session as _AiosmtpdSession
@@ -117,6 +118,42 @@ class SMTPHandler:
         raise NotImplementedError
 
 
+# The separator aiosmtpd's command loop asks for: it calls readuntil() without one.
+_COMMAND_LINE = object()
+
+
+class CommandLineReader(asyncio.StreamReader):
+    """A stream reader whose command lines end only at CRLF (RFC 5321 section 2.3.8).
+
+    aiosmtpd reads each command with ``readuntil()``, which ends a line at a
+    bare LF, so ``FOO\\nBAR\\r\\n`` became two commands. Called without a
+    separator, this reader reads up to CRLF instead and passes a line that
+    contains a bare LF to ``reject_bare_lf`` (one reply), then reads the next.
+    Explicit separators (AUTH responses) behave as in the base class.
+    """
+
+    reject_bare_lf: Callable[[], Awaitable[None]]
+    # Set after a line over the limit: aiosmtpd then reads up to its end, and
+    # that tail is discarded, so it needs no check.
+    _discarding = False
+
+    async def readuntil(self, separator: Any = _COMMAND_LINE) -> bytes:
+        if separator is not _COMMAND_LINE:
+            return await super().readuntil(separator)
+        while True:
+            try:
+                line = await super().readuntil(b"\r\n")
+            except asyncio.LimitOverrunError:
+                self._discarding = True
+                raise
+            if self._discarding:
+                self._discarding = False
+                return line
+            if b"\n" not in line[:-2]:
+                return line
+            await self.reject_bare_lf()
+
+
 class _SessionLog(logging.LoggerAdapter):
     def process(self, msg, kwargs):
         return f"{self.extra['name']} session {self.extra['session']}: {msg}", kwargs
@@ -162,6 +199,11 @@ class SMTPSession(SMTP):
         # at every EHLO, which would let the limits creep up across sessions.
         self.command_size_limits = defaultdict(lambda: self.command_size_limit, COMMAND_LIMITS)
         self._smtp_methods = {name: self._tracked(method) for name, method in self._smtp_methods.items()}
+        # aiosmtpd builds a plain StreamReader in its constructor and offers no
+        # hook to choose the class. CommandLineReader has no constructor of its
+        # own, so changing the class of that object is safe.
+        self._stream_reader.__class__ = CommandLineReader
+        self._stream_reader.reject_bare_lf = self._reject_bare_lf
 
     # Connection life cycle ------------------------------------------------
 
@@ -301,6 +343,10 @@ class SMTPSession(SMTP):
             self._handshake_transport.abort()  # type: ignore[attr-defined]
         if self.transport is not None:
             self.transport.abort()  # type: ignore[attr-defined]
+
+    async def _reject_bare_lf(self) -> None:
+        self.log.info("command line with a bare LF rejected")
+        await self.reply(replies.BARE_LF_IN_COMMAND)
 
     # Replies ----------------------------------------------------------------
 
