@@ -19,6 +19,7 @@ import subprocess
 import pytest
 
 from mailstack import tls
+from mailstack.imap import server as server_module
 from mailstack.imap.server import IMAPServer
 from mailstack.settings import IMAPSection
 from mailstack.store import Store
@@ -26,6 +27,9 @@ from mailstack.store.messages import FlagMode
 from mailstack.store.models import Delivery, Flag
 
 HOST = "127.0.6.1"
+# Client source addresses for the per-address connection limit.
+IDLE_CLIENT = "127.0.6.3"
+OTHER_CLIENT = "127.0.6.4"
 PASSWORD = "correct horse battery"
 MESSAGE = (
     b"From: Alice <alice@here.test>\r\n"
@@ -383,8 +387,7 @@ async def test_connection_limit_per_address(tmp_path, template):
     try:
         def check():
             first = raw_connect(harness)
-            sock = socket.create_connection((HOST, harness.tls_port), timeout=10)
-            second = RawClient(harness.client_context().wrap_socket(sock, server_hostname=HOST))
+            second = RawClient(socket.create_connection((HOST, harness.port), timeout=10))
             line = second.line()
             first.send(b"a LOGOUT\r\n")
             first.until_tagged(b"a")
@@ -395,6 +398,41 @@ async def test_connection_limit_per_address(tmp_path, template):
         await harness.server.close(1)
         await harness.store.close()
     assert line.startswith(b"* BYE [UNAVAILABLE]")
+
+
+async def test_tls_port_counts_connections_before_handshake(tmp_path, template, monkeypatch):
+    """Raw TCP connections that never send a ClientHello count against the per-address limit."""
+    monkeypatch.setattr(server_module, "TLS_HANDSHAKE_TIMEOUT", 1.0)
+    harness = await start_harness(tmp_path, template, max_connections_per_address=3)
+    try:
+        def check():
+            idle = [
+                socket.create_connection((HOST, harness.tls_port), timeout=5, source_address=(IDLE_CLIENT, 0))
+                for _ in range(6)
+            ]
+            # Over the limit: closed at once, without a handshake. A socket the server
+            # keeps open times out here instead.
+            extras_closed = [sock.recv(1) == b"" for sock in idle[3:]]
+            sock = socket.create_connection((HOST, harness.tls_port), timeout=5, source_address=(OTHER_CLIENT, 0))
+            other = RawClient(harness.client_context().wrap_socket(sock, server_hostname=HOST))
+            greeting = other.line()
+            other.send(b"a LOGIN bob@here.test \"" + PASSWORD.encode() + b"\"\r\n")
+            login = other.until_tagged(b"a")
+            # Within the limit: held only until the handshake timeout.
+            counted_closed = [sock.recv(1) == b"" for sock in idle[:3]]
+            for sock in idle:
+                sock.close()
+            other.sock.close()
+            return extras_closed, greeting, login, counted_closed
+
+        extras_closed, greeting, login, counted_closed = await run(check)
+    finally:
+        await harness.server.close(1)
+        await harness.store.close()
+    assert extras_closed == [True, True, True]
+    assert greeting.startswith(b"* OK")
+    assert login[-1].startswith(b"a OK")
+    assert counted_closed == [True, True, True]
 
 
 async def test_serverbug_keeps_session(harness, monkeypatch):

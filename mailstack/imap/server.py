@@ -11,7 +11,9 @@ Defences and where they sit:
 - line length: ``imap.max_line_length`` per line, BAD when exceeded;
 - bad commands: ``imap.max_bad_commands`` BAD replies, then BYE;
 - autologout: ``imap.login_timeout`` before login, ``imap.idle_timeout`` after;
-- connections: ``imap.max_connections`` in total and per client address;
+- connections: ``imap.max_connections`` in total and per client address,
+  counted from accept, so on the TLS port before the handshake, which gets
+  ``TLS_HANDSHAKE_TIMEOUT`` seconds;
 - plaintext pipelined after STARTTLS is discarded, never read as TLS data.
 """
 
@@ -22,6 +24,7 @@ import contextlib
 import itertools
 import logging
 import secrets
+import socket
 import ssl
 from collections import Counter
 
@@ -43,6 +46,12 @@ READ_SIZE = 64 * 1024
 # After login, a LITERAL+ literal over its limit is skipped when it is at most
 # this many times the limit. A larger one closes the connection.
 NON_SYNC_SKIP_FACTOR = 2
+# Seconds a client on the TLS port has to finish the handshake. Its connection is
+# counted against the limits from the moment it is accepted.
+TLS_HANDSHAKE_TIMEOUT = 10.0
+# Seconds the TLS listener waits after a failed accept (for example EMFILE) before the next.
+ACCEPT_RETRY_DELAY = 0.1
+LISTEN_BACKLOG = 100
 
 
 class ConnectionClosed(Exception):
@@ -75,6 +84,58 @@ class Limits:
             del self.by_address[address]
 
 
+class TLSListener:
+    """Listening sockets for TLS from the first byte, accepted by this class itself.
+
+    ``asyncio.start_server(ssl=...)`` hands a connection over only after its
+    handshake, so a client that never sends a ClientHello would escape the
+    connection limits. Here each accepted socket goes to ``on_accept`` at once.
+    """
+
+    def __init__(self, sockets: list[socket.socket], on_accept) -> None:
+        self.sockets = sockets
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._accept(sock, on_accept)) for sock in sockets]
+
+    @classmethod
+    async def bind(cls, host: str, port: int, on_accept) -> TLSListener:
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        sockets: list[socket.socket] = []
+        try:
+            for family, kind, proto, _name, address in dict.fromkeys(infos):
+                sock = socket.socket(family, kind, proto)
+                sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+                sock.listen(LISTEN_BACKLOG)
+                sock.setblocking(False)
+        except OSError:
+            for sock in sockets:
+                sock.close()
+            raise
+        return cls(sockets, on_accept)
+
+    async def _accept(self, sock: socket.socket, on_accept) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                connection, peer = await loop.sock_accept(sock)
+            except OSError as exc:
+                log.warning("IMAP TLS listener: accept failed: %s", exc)
+                await asyncio.sleep(ACCEPT_RETRY_DELAY)
+                continue
+            on_accept(connection, peer)
+
+    def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for sock in self.sockets:
+            sock.close()
+
+
 class IMAPServer:
     """Every listener and connection of one IMAP service."""
 
@@ -87,8 +148,11 @@ class IMAPServer:
             limit=config.auth_failure_limit, window=config.auth_failure_window, delay=config.auth_failure_delay
         )
         self.limits = Limits(config.max_connections, config.max_connections_per_address)
-        self.servers: list[asyncio.base_events.Server] = []
+        self.servers: list[asyncio.base_events.Server | TLSListener] = []
         self.connections: dict[asyncio.Task, Connection] = {}
+        # Connections on the TLS port, each until its session ends; in ``handshakes`` until TLS is up.
+        self.tls_tasks: set[asyncio.Task] = set()
+        self.handshakes: set[asyncio.Task] = set()
         self.closing = False
         self._ids = itertools.count(1)
         self._prefix = secrets.token_hex(3)
@@ -98,15 +162,17 @@ class IMAPServer:
         await self.store.prepare()
         await self.store.get_mailbox(-1, "INBOX")
 
-    async def listen(self, host: str, port: int, *, implicit_tls: bool) -> asyncio.base_events.Server:
+    async def listen(self, host: str, port: int, *, implicit_tls: bool) -> asyncio.base_events.Server | TLSListener:
         """Bind one listener; ``implicit_tls`` makes it a TLS-on-connect listener like port 993."""
-        server = await asyncio.start_server(
-            lambda reader, writer: self._serve(reader, writer, implicit_tls),
-            host,
-            port,
-            ssl=self.ssl_context if implicit_tls else None,
-            reuse_address=True,
-        )
+        server: asyncio.base_events.Server | TLSListener
+        if implicit_tls:
+            if self.ssl_context is None:
+                raise ValueError("implicit TLS listener requested, but the IMAP server has no SSL context")
+            server = await TLSListener.bind(host, port, self._accept_tls)
+        else:
+            server = await asyncio.start_server(
+                lambda reader, writer: self._serve(reader, writer, implicit_tls), host, port, reuse_address=True
+            )
         self.servers.append(server)
         for sock in server.sockets:
             log.info("IMAP listening on %s port %d (%s)", *sock.getsockname()[:2], "TLS" if implicit_tls else "STARTTLS")
@@ -127,8 +193,16 @@ class IMAPServer:
                 await asyncio.wait_for(writer.drain(), 5)
             writer.close()
             return
+        try:
+            await self._run_session(reader, writer, ClientInfo(address, port, session_id), implicit_tls)
+        finally:
+            self.limits.release(address)
+
+    async def _run_session(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: ClientInfo, implicit_tls: bool
+    ) -> None:
         task = asyncio.current_task()
-        connection = Connection(self, reader, writer, ClientInfo(address, port, session_id), implicit_tls)
+        connection = Connection(self, reader, writer, client, implicit_tls)
         if task is not None:
             self.connections[task] = connection
         try:
@@ -136,9 +210,51 @@ class IMAPServer:
         except asyncio.CancelledError:
             pass
         finally:
-            self.limits.release(address)
             if task is not None:
                 self.connections.pop(task, None)
+
+    def _accept_tls(self, sock: socket.socket, peer: tuple) -> None:
+        """Count a connection accepted on the TLS port, then start its handshake in a task."""
+        address, port = str(peer[0]), int(peer[1])
+        session_id = f"{self._prefix}-{next(self._ids)}"
+        if self.closing:
+            sock.close()
+            return
+        refusal = self.limits.acquire(address)
+        if refusal is not None:
+            # Closed without a handshake, which would cost more than the refused client is worth.
+            log.warning("IMAP connection %s from %s refused: %s", session_id, address, refusal)
+            sock.close()
+            return
+        task = asyncio.get_running_loop().create_task(self._serve_tls(sock, ClientInfo(address, port, session_id)))
+        self.tls_tasks.add(task)
+        self.handshakes.add(task)
+        task.add_done_callback(self.tls_tasks.discard)
+
+    async def _serve_tls(self, sock: socket.socket, client: ClientInfo) -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        try:
+            reader = asyncio.StreamReader()
+            protocol = asyncio.StreamReaderProtocol(reader)
+            try:
+                transport, _protocol = await loop.connect_accepted_socket(
+                    lambda: protocol, sock, ssl=self.ssl_context, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT
+                )
+            except (ssl.SSLError, ConnectionError, OSError, asyncio.TimeoutError) as exc:
+                log.info("IMAP connection %s from %s: TLS handshake failed: %s", client.session_id, client.address, exc)
+                sock.close()
+                return
+            except asyncio.CancelledError:
+                sock.close()
+                return
+            finally:
+                if task is not None:
+                    self.handshakes.discard(task)
+            writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+            await self._run_session(reader, writer, client, implicit_tls=True)
+        finally:
+            self.limits.release(client.address)
 
     async def close(self, timeout: float) -> None:
         """Stop accepting, end idle sessions, and give running commands ``timeout`` seconds to finish."""
@@ -147,11 +263,14 @@ class IMAPServer:
         self.closing = True
         for server in self.servers:
             server.close()
+        handshakes = list(self.handshakes)
+        for task in handshakes:
+            task.cancel()
         # Sessions waiting for the client end at once; those running a command finish it first.
         for task, connection in list(self.connections.items()):
             if not connection.busy:
                 task.cancel()
-        pending = list(self.connections)
+        pending = list(self.connections) + handshakes
         if pending:
             _done, still = await asyncio.wait(pending, timeout=timeout)
             for task in still:
