@@ -275,3 +275,43 @@ async def test_bare_lf_command_line_rejected(smtp):
     assert await client.reply() == (250, ["2.0.0 Stored"])
     assert handler.messages == [("a@x.test", ["d@x.test"], b"Subject: s\r\n\r\nbody\r\n")]
     await client.close()
+
+
+async def test_replies_printable_ascii_only(smtp):
+    server, handler, port, _ = smtp
+    client = await RawClient.connect(port)
+    await client.send(b"foo\x00bar\r\n")
+    line = await client.reader.readline()
+    assert line == b'500 5.5.2 Error: command "FOO?BAR" not recognized\r\n'
+    # A bare CR inside the command must not reach the reply.
+    await client.send(b"FOO\rBAR\r\n")
+    line = await client.reader.readline()
+    assert line == b'500 5.5.2 Error: command "FOO?BAR" not recognized\r\n'
+    await client.send("EHLO c\x01\x7fé.test\r\n".encode("utf-8"))
+    code, lines = await client.reply()
+    assert code == 250
+    assert lines[0] == "mx.test greets c???.test"
+    await client.send(b"\x1b[31mx\r\n")
+    line = await client.reader.readline()
+    assert line == b'500 5.5.2 Error: command "?[31MX" not recognized\r\n'
+    assert await client.command("NOOP") == (250, ["2.0.0 OK"])
+    await client.close()
+
+
+async def test_help_lists_real_commands(smtp, ssl_context):
+    server, handler, port, _ = smtp
+    client = await RawClient.connect(port)
+    listing = "2.0.0 Supported commands: AUTH DATA EHLO HELO HELP MAIL NOOP QUIT RCPT RSET STARTTLS VRFY"
+    assert await client.command("HELP") == (214, [listing])
+    assert await client.command("HELP mail") == (
+        214, ["2.0.0 Syntax: MAIL FROM:<address> [SIZE=octets] [BODY=7BIT|8BITMIME] [SMTPUTF8]"])
+    assert await client.command("HELP RCPT") == (214, ["2.0.0 Syntax: RCPT TO:<address>"])
+    code, [line] = await client.command("HELP EXPN")
+    assert code == 504
+    assert line.startswith("5.5.4 No help for that topic; supported commands: AUTH DATA")
+    # After TLS, STARTTLS is no longer offered.
+    await client.command("EHLO c.test")
+    await client.starttls(client_context(ssl_context[1]))
+    assert await client.command("HELP") == (
+        214, ["2.0.0 Supported commands: AUTH DATA EHLO HELO HELP MAIL NOOP QUIT RCPT RSET VRFY"])
+    await client.close()

@@ -36,6 +36,9 @@ Hooks (all optional except ``handle_message``; each may raise
 
 What the base guarantees, so handlers need not check it:
 
+- Reply text is printable US-ASCII: client input echoed in a reply has
+  every other character replaced by "?".
+- HELP replies 214 with the supported commands, or with one command's syntax.
 - Every reply after the greeting and EHLO carries an enhanced status code
   (RFC 2034), including aiosmtpd's own replies, which get a default by code.
 - EHLO advertises SIZE, 8BITMIME, SMTPUTF8, PIPELINING, ENHANCEDSTATUSCODES,

@@ -124,6 +124,16 @@ def add_enhanced_code(line: str) -> str:
     return f"{match.group(1)}{match.group(2)}{enhanced} {text}" if text else f"{match.group(1)}{match.group(2)}{enhanced}"
 
 
+def printable(line: str) -> str:
+    """Return ``line`` with every character outside printable US-ASCII replaced by "?".
+
+    RFC 5321 section 4.2 allows only printable US-ASCII in reply text, and
+    replies echo client input (an unknown command, a VRFY argument, the EHLO
+    name), so a CR or LF in that input could otherwise end a reply line early.
+    """
+    return "".join(char if " " <= char <= "~" else "?" for char in line)
+
+
 # Replies both listeners send, named by situation.
 OK = Reply(250, "2.0.0", "OK")
 SENDER_OK = Reply(250, "2.1.0", "Sender OK")

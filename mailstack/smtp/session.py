@@ -24,7 +24,7 @@ from aiosmtpd.smtp import SMTP, Envelope as _AiosmtpdEnvelope, Session as _Aiosm
 from mailstack.smtp import replies
 from mailstack.smtp.data import DataReader
 from mailstack.smtp.paths import Path, PathError, parse_path_argument, split_parameters
-from mailstack.smtp.replies import Reply, SMTPError, add_enhanced_code
+from mailstack.smtp.replies import Reply, SMTPError, add_enhanced_code, printable
 
 if TYPE_CHECKING:
     from mailstack.smtp.server import Listener, SMTPServer
@@ -45,6 +45,23 @@ READER_LIMIT = 64 * 1024
 COMMAND_LIMITS = {"MAIL": 512 + 26 + 10 + 20 + 64, "RCPT": 512, "AUTH": 12288}
 
 AUTH_MECHANISMS = ("PLAIN", "LOGIN")
+
+# The HELP text for each command that SMTPSession implements. EXPN is left
+# out because aiosmtpd answers it with 502 only.
+COMMAND_SYNTAX = {
+    "AUTH": "AUTH mechanism [initial-response]",
+    "DATA": "DATA",
+    "EHLO": "EHLO hostname",
+    "HELO": "HELO hostname",
+    "HELP": "HELP [command]",
+    "MAIL": "MAIL FROM:<address> [SIZE=octets] [BODY=7BIT|8BITMIME] [SMTPUTF8]",
+    "NOOP": "NOOP [string]",
+    "QUIT": "QUIT",
+    "RCPT": "RCPT TO:<address>",
+    "RSET": "RSET",
+    "STARTTLS": "STARTTLS",
+    "VRFY": "VRFY address",
+}
 
 # Seconds an implicit-TLS client has to finish the TLS handshake. The
 # connection counts against the limits from the moment it is accepted, so
@@ -361,7 +378,8 @@ class SMTPSession(SMTP):
         return run
 
     async def push(self, status: str | bytes) -> None:
-        line = status.decode("utf-8", "replace") if isinstance(status, bytes) else status
+        """Send one reply line as printable ASCII; aiosmtpd sends its own replies through here too."""
+        line = printable(status.decode("ascii", "replace") if isinstance(status, bytes) else status)
         if self._greeted:
             line = add_enhanced_code(line)
         else:
@@ -413,8 +431,9 @@ class SMTPSession(SMTP):
             raise SMTPError(replies.AUTH_REQUIRED)
 
     async def _send_lines(self, lines: list[str]) -> None:
+        lines = [printable(line) for line in lines]
         text = "".join(f"250-{line}\r\n" for line in lines[:-1]) + f"250 {lines[-1]}\r\n"
-        self._writer.write(text.encode("utf-8"))
+        self._writer.write(text.encode("ascii"))
         await self._writer.drain()
 
     def _offers_auth(self) -> bool:
@@ -449,6 +468,25 @@ class SMTPSession(SMTP):
         self.state.host_name = hostname
         self.state.extended_smtp = False
         await self._send_lines([self.hostname])
+
+    def _supported_commands(self) -> list[str]:
+        commands = set(self._smtp_methods) & COMMAND_SYNTAX.keys()
+        if self.tls_context is None or self.is_tls:
+            commands.discard("STARTTLS")
+        if not self.handler.supports_auth:
+            commands.discard("AUTH")
+        return sorted(commands)
+
+    async def smtp_HELP(self, arg: str | None) -> None:
+        """Reply 214 with the commands, or with the syntax of one (RFC 5321 section 4.1.1.8)."""
+        commands = self._supported_commands()
+        if not arg:
+            await self.reply(Reply(214, "2.0.0", f"Supported commands: {' '.join(commands)}"))
+            return
+        topic = arg.strip().upper()
+        if topic not in commands:
+            raise SMTPError(Reply(504, "5.5.4", f"No help for that topic; supported commands: {' '.join(commands)}"))
+        await self.reply(Reply(214, "2.0.0", f"Syntax: {COMMAND_SYNTAX[topic]}"))
 
     async def smtp_STARTTLS(self, arg: str | None) -> None:
         if arg:
