@@ -714,6 +714,41 @@ async def test_store_search_expunge(harness):
     assert results["uid_after"][1] == [b"3 4 5"]
 
 
+async def test_search_key_count_bounded(harness):
+    await fill(harness, 100)
+    # 50 ranges per set, the most that still becomes SQL: the heaviest keys for the query.
+    odd_numbers = ",".join(str(number) for number in range(1, 100, 2)).encode()
+
+    def check():
+        client = raw_connect(harness, login=True)
+        client.send(b"s SELECT INBOX\r\n")
+        client.until_tagged(b"s")
+        replies = {}
+        commands = {
+            b"a": b"SEARCH" + b" UNSEEN" * 1000,
+            b"b": b"SEARCH" + b" UNSEEN" * 257,
+            b"c": b"SEARCH" + b" NOT (UNSEEN" + b" UNSEEN" * 255 + b")",
+            b"d": b"SEARCH" + b" UNSEEN" * 256,
+            b"e": b"SEARCH" + b" " + b" ".join([odd_numbers] * 256),
+            b"f": b"SEARCH" + b" OR (UNSEEN" + b" UNSEEN" * 127 + b") (SEEN" + b" SEEN" * 126 + b")",
+        }
+        for tag, command in commands.items():
+            client.send(tag + b" " + command + b"\r\n")
+            replies[tag] = client.until_tagged(tag)
+        return replies
+
+    replies = await run(check)
+    assert replies[b"a"][-1].startswith(b"a BAD")
+    assert b"256" in replies[b"a"][-1]
+    assert replies[b"b"][-1].startswith(b"b BAD")
+    assert replies[b"c"][-1].startswith(b"c BAD")
+    assert replies[b"d"][-1].startswith(b"d OK")
+    assert replies[b"d"][0] == b"* SEARCH " + b" ".join(b"%d" % number for number in range(1, 101))
+    assert replies[b"e"][-1].startswith(b"e OK")
+    assert replies[b"e"][0] == b"* SEARCH " + odd_numbers.replace(b",", b" ")
+    assert replies[b"f"][-1].startswith(b"f OK")
+
+
 async def test_sequence_number_above_count_is_bad(harness):
     await fill(harness, 2)
 

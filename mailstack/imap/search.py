@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 # A sequence or UID set with more ranges than this is tested in Python, because
 # one BETWEEN term per range would exceed SQLite's expression depth.
 MAX_SQL_RANGES = 50
+# Most search keys in one SEARCH, counting every key, OR and NOT in the whole program.
+# A flat AND of about 1000 keys exceeds SQLite's expression depth of 1000, and 256
+# keys of the deepest SQL form (a set of MAX_SQL_RANGES ranges each) stay below it.
+MAX_SEARCH_KEYS = 256
 CONTENT_BATCH = 200
 CONTENT_BATCH_BYTES = 16 * 1024 * 1024
 
@@ -73,6 +77,17 @@ def needs_content(key: c.SearchKey) -> bool:
     if isinstance(key, c.SearchNot):
         return needs_content(key.key)
     return False
+
+
+def count_keys(key: c.SearchKey) -> int:
+    """Return the number of search keys in ``key``; a parenthesised list counts only its members."""
+    if isinstance(key, c.SearchAnd):
+        return sum(count_keys(k) for k in key.keys)
+    if isinstance(key, c.SearchOr):
+        return 1 + count_keys(key.left) + count_keys(key.right)
+    if isinstance(key, c.SearchNot):
+        return 1 + count_keys(key.key)
+    return 1
 
 
 class SearchCompiler:
@@ -330,4 +345,4 @@ async def _load_content(store, mailbox_id: int, chunk: list[Candidate]) -> None:
             by_uid[uid].data = data
 
 
-__all__ = ["Candidate", "SearchCompiler", "search"]
+__all__ = ["MAX_SEARCH_KEYS", "Candidate", "SearchCompiler", "count_keys", "search"]

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from mailstack.imap import commands as c
 from mailstack.imap import response as r
 from mailstack.imap.fetch import FetchRenderer
-from mailstack.imap.search import search
+from mailstack.imap.search import MAX_SEARCH_KEYS, count_keys, search
 from mailstack.imap.throttle import LoginThrottle
 from mailstack.imap.view import MailboxView, Update, encoded_flags, split_flags
 from mailstack.settings import IMAPSection
@@ -749,6 +749,10 @@ class Session:
         view = self._view()
         if command.charset is not None and command.charset.upper() not in ("UTF-8", "US-ASCII"):
             raise r.BadCharset(f"charset {command.charset[:40]} is not supported")
+        key_count = count_keys(command.key)
+        if key_count > MAX_SEARCH_KEYS:
+            log.info("session %s: SEARCH with %d keys rejected", self.client.session_id, key_count)
+            raise r.BadCommand(f"SEARCH has {key_count} search keys; at most {MAX_SEARCH_KEYS} are allowed")
         if not command.uid:
             # Changes from others may add messages, but not remove them, before a plain SEARCH.
             await self.sync(allow_expunge=False)
