@@ -290,3 +290,27 @@ async def test_smtputf8_recipient(server):
     (data,) = await stored_messages(server.store, jorg.id)
     assert b"with UTF8SMTP id " in data
     assert data.endswith(body)
+
+
+async def test_postmaster_goes_to_first_configured_domain(tmp_path):
+    # [server] domains lists zz.test first, although aa.test sorts first.
+    host = "127.0.4.30"
+    config = write_config(tmp_path, "two", host, ["zz.test", "aa.test"])
+    async with contextlib.AsyncExitStack() as stack:
+        context = await start_services(config, ("transfer",), stack)
+        store = context.store
+        zoe = await store.create_account("zoe@zz.test", "pw")
+        adam = await store.create_account("adam@aa.test", "pw")
+        await store.add_alias("postmaster@aa.test", "adam@aa.test")
+
+        def send(recipient: str) -> dict:
+            with smtplib.SMTP(host, PORT, local_hostname="client.there.test", timeout=10) as client:
+                return client.sendmail("carol@there.test", [recipient], MESSAGE)
+
+        # Only aa.test has a postmaster, so <postmaster> reaches it.
+        assert await asyncio.to_thread(send, "<postmaster>") == {}
+        assert len(await stored_messages(store, adam.id)) == 1
+        await store.add_alias("postmaster@zz.test", "zoe@zz.test")
+        assert await asyncio.to_thread(send, "<POSTMASTER>") == {}
+        assert len(await stored_messages(store, zoe.id)) == 1
+        assert len(await stored_messages(store, adam.id)) == 1

@@ -63,8 +63,11 @@ class InboundHandler(SMTPHandler):
         hostname: str,
         max_received_headers: int = 50,
         local_addresses: Iterable[str] = (),
+        primary_domain: str | None = None,
     ) -> None:
         self.store = store
+        # The first domain of [server] domains: its postmaster receives <postmaster>.
+        self.primary_domain = primary_domain
         self.hostname = hostname
         self.max_received_headers = max_received_headers
         self.local_addresses = {_normalize_ip(address) for address in local_addresses} - {None}
@@ -109,8 +112,13 @@ class InboundHandler(SMTPHandler):
         return path.address
 
     async def _postmaster(self) -> str:
-        for domain, _count in await self.store.list_domains():
-            address = f"{POSTMASTER}@{domain.name}"
+        """Return the postmaster address of the primary domain, else of the first local domain that has one."""
+        names = [domain.name for domain, _count in await self.store.list_domains()]
+        if self.primary_domain in names:
+            names.remove(self.primary_domain)
+            names.insert(0, self.primary_domain)
+        for name in names:
+            address = f"{POSTMASTER}@{name}"
             if await self.store.resolve_recipient(address) is not None:
                 return address
         raise SMTPError(UNKNOWN_USER, "no postmaster account or alias in any local domain")

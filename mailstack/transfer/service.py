@@ -52,6 +52,7 @@ async def start(context, stack: contextlib.AsyncExitStack) -> None:
         hostname=config.server.hostname,
         max_received_headers=section.max_received_headers,
         local_addresses=config.server.listen,
+        primary_domain=config.server.domains[0] if config.server.domains else None,
     )
     options = SMTPOptions(
         hostname=config.server.hostname,
