@@ -20,6 +20,7 @@ import pytest
 
 from mailstack import tls
 from mailstack.imap import server as server_module
+from mailstack.imap import session as session_module
 from mailstack.imap.server import IMAPServer
 from mailstack.settings import IMAPSection
 from mailstack.store import Store
@@ -747,6 +748,55 @@ async def test_search_key_count_bounded(harness):
     assert replies[b"e"][-1].startswith(b"e OK")
     assert replies[b"e"][0] == b"* SEARCH " + odd_numbers.replace(b",", b" ")
     assert replies[b"f"][-1].startswith(b"f OK")
+
+
+async def test_store_append_flag_checks(harness, monkeypatch):
+    monkeypatch.setattr(session_module, "MAX_KEYWORDS", 5)
+    await fill(harness, 1)
+    small = b"Subject: x\r\n\r\nbody\r\n"
+
+    def append(client: RawClient, tag: bytes, flags: bytes) -> list[bytes]:
+        client.send(tag + b" APPEND INBOX (" + flags + b") {%d+}\r\n" % len(small) + small + b"\r\n")
+        return client.until_tagged(tag)
+
+    def check():
+        client = raw_connect(harness, login=True)
+        client.send(b"s SELECT INBOX\r\n")
+        client.until_tagged(b"s")
+        client.send(b"t STORE 1 FLAGS (\\Seen \\Flagged)\r\n")
+        client.until_tagged(b"t")
+        replies = {}
+        for tag, command in (
+            (b"a", b"STORE 1 FLAGS (\\Bogus)"),
+            (b"b", b"STORE 1 +FLAGS (\\Answered \\Bogus)"),
+            (b"c", b"FETCH 1 FLAGS"),
+            (b"d", b"STORE 1 +FLAGS (k" + b"x" * 256 + b")"),
+            (b"e", b"STORE 1 +FLAGS.SILENT (k1 k2 k3 k4 K5)"),
+            (b"f", b"STORE 1 +FLAGS (k6)"),
+            (b"g", b"STORE 1 +FLAGS (K1 k2)"),
+            (b"h", b"FETCH 1 FLAGS"),
+        ):
+            client.send(tag + b" " + command + b"\r\n")
+            replies[tag] = client.until_tagged(tag)
+        replies[b"i"] = append(client, b"i", b"\\Bogus")
+        replies[b"j"] = append(client, b"j", b"\\Recent")
+        replies[b"k"] = append(client, b"k", b"k6")
+        replies[b"l"] = append(client, b"l", b"\\Seen k3")
+        return replies
+
+    replies = await run(check)
+    assert replies[b"a"][-1].startswith(b"a BAD")
+    assert replies[b"b"][-1].startswith(b"b BAD")
+    assert replies[b"c"][0] == b"* 1 FETCH (FLAGS (\\Seen \\Flagged))"
+    assert replies[b"d"][-1].startswith(b"d NO [LIMIT]")
+    assert replies[b"e"][-1].startswith(b"e OK")
+    assert replies[b"f"][-1].startswith(b"f NO [LIMIT]")
+    assert replies[b"g"][-1].startswith(b"g OK")
+    assert replies[b"h"][0] == b"* 1 FETCH (FLAGS (\\Seen \\Flagged k1 k2 k3 k4 K5))"
+    assert replies[b"i"][-1].startswith(b"i BAD")
+    assert replies[b"j"][-1].startswith(b"j NO [CANNOT]")
+    assert replies[b"k"][-1].startswith(b"k NO [LIMIT]")
+    assert replies[b"l"][-1].startswith(b"l OK [APPENDUID")
 
 
 async def test_sequence_number_above_count_is_bad(harness):

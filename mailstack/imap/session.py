@@ -57,6 +57,12 @@ FETCH_BATCH = 250
 FETCH_BATCH_BYTES = 16 * 1024 * 1024
 SPECIAL_USE_ATTRIBUTES = ("\\All", "\\Archive", "\\Drafts", "\\Flagged", "\\Junk", "\\Sent", "\\Trash")
 SYSTEM_FLAG_LIST = ["\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft"]
+SYSTEM_FLAGS_LOWER = frozenset(name.lower() for name in SYSTEM_FLAG_LIST)
+# Maximum distinct keywords in one mailbox (compared case-insensitively), and maximum
+# keyword length in characters, which are octets because keywords are ASCII atoms.
+# Every SELECT sends all of a mailbox's keywords in FLAGS and PERMANENTFLAGS.
+MAX_KEYWORDS = 1000
+MAX_KEYWORD_LENGTH = 256
 
 
 class State(enum.Enum):
@@ -669,7 +675,13 @@ class Session:
             raise r.TooBig(f"message exceeds the APPEND limit of {self.config.append_limit} bytes")
         if not command.message:
             raise r.Cannot("an empty message cannot be appended")
+        check_system_flags(command.flags)
         flags, keywords = split_flags(command.flags)
+        if keywords:
+            mailbox = await self.store.get_mailbox(self.account_id, command.mailbox)
+            if mailbox is None:
+                raise r.TryCreate(f"mailbox {command.mailbox[:200]} does not exist")
+            await self._check_keyword_limits(mailbox.id, keywords, set())
         try:
             appended = await self.store.append_to(
                 self.account_id,
@@ -815,12 +827,13 @@ class Session:
         view = self._require_writable("STORE")
         if command.unchanged_since is not None:
             raise r.BadCommand("UNCHANGEDSINCE needs CONDSTORE, which this server does not announce")
-        if any(flag.lower() == "\\recent" for flag in command.flags):
-            raise r.Cannot("\\Recent is set by the server and cannot be stored")
+        check_system_flags(command.flags)
         uids = [uid for uid in self.resolve(command.sequence_set, command.uid) if view.live(uid)]
         if not uids:
             return self.ok(command)
         flags, keywords = split_flags(command.flags)
+        if keywords and command.action is not c.StoreAction.REMOVE:
+            await self._check_keyword_limits(view.mailbox_id, keywords, view.keywords)
         mode = {
             c.StoreAction.REPLACE: FlagMode.REPLACE,
             c.StoreAction.ADD: FlagMode.ADD,
@@ -840,6 +853,27 @@ class Session:
                     items.append(b"UID %d" % uid)
                 self.emit(r.fetch_response(sequence_number, items))
         return self.ok(command)
+
+    async def _check_keyword_limits(self, mailbox_id: int, keywords: list[str], known: set[str]) -> None:
+        """Raise NO [LIMIT] when a keyword is too long or the mailbox would get too many keywords.
+
+        ``known`` are keywords the mailbox is known to have; the store is read only
+        when some keyword is not among them.
+        """
+        for keyword in keywords:
+            if len(keyword) > MAX_KEYWORD_LENGTH:
+                raise r.Limit(f"keyword {keyword[:40]}... is longer than {MAX_KEYWORD_LENGTH} characters")
+        known_lower = {k.lower() for k in known}
+        new = {k.lower() for k in keywords} - known_lower
+        if not new:
+            return
+        # NOTE: two sessions adding keywords at the same time can each pass this check,
+        # and COPY and MOVE skip it, so a mailbox can still exceed MAX_KEYWORDS.
+        present = {k.lower() for k in await self.store.mailbox_keywords(mailbox_id)}
+        total = len(present | new)
+        if total > MAX_KEYWORDS:
+            log.info("session %s: keywords rejected: mailbox %d would have %d", self.client.session_id, mailbox_id, total)
+            raise r.Limit(f"a mailbox may have at most {MAX_KEYWORDS} distinct keywords; this would make {total}")
 
     async def _target(self, name: str):
         mailbox = await self._mailbox(name, missing=r.TryCreate)
@@ -886,6 +920,16 @@ class Session:
             self.client.session_id, len(result.source_uids), view.name, target.name,
         )
         return self.ok(command)
+
+
+def check_system_flags(names: tuple[str, ...] | list[str]) -> None:
+    """Raise for flags that cannot be stored: BAD for an unknown system flag, NO [CANNOT] for \\Recent."""
+    for name in names:
+        if not name.startswith("\\") or name.lower() in SYSTEM_FLAGS_LOWER:
+            continue
+        if name.lower() == "\\recent":
+            raise r.Cannot("\\Recent is set by the server and cannot be stored")
+        raise r.BadCommand(f"unknown system flag {name[:40]}; the system flags are {' '.join(SYSTEM_FLAG_LIST)}")
 
 
 def uid_set_text(uids: list[int]) -> str:
