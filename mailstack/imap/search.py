@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 # A sequence or UID set with more ranges than this is tested in Python, because
 # one BETWEEN term per range would exceed SQLite's expression depth.
 MAX_SQL_RANGES = 50
-# Most search keys in one SEARCH, counting every key, OR and NOT in the whole program.
+# Maximum search keys in one SEARCH, counting every key, OR and NOT in the whole program.
 # A flat AND of about 1000 keys exceeds SQLite's expression depth of 1000, and 256
 # keys of the deepest SQL form (a set of MAX_SQL_RANGES ranges each) stay below it.
 MAX_SEARCH_KEYS = 256
