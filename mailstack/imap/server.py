@@ -242,7 +242,10 @@ class IMAPServer:
                     lambda: protocol, sock, ssl=self.ssl_context, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT
                 )
             except (ssl.SSLError, ConnectionError, OSError, asyncio.TimeoutError) as exc:
-                log.info("IMAP connection %s from %s: TLS handshake failed: %s", client.session_id, client.address, exc)
+                log.info(
+                    "IMAP connection %s from %s: TLS handshake failed: %s: %s",
+                    client.session_id, client.address, type(exc).__name__, exc,
+                )
                 sock.close()
                 return
             except asyncio.CancelledError:
