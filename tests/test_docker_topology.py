@@ -17,7 +17,6 @@ import email.message
 import email.policy
 import email.utils
 import errno
-import fcntl
 import imaplib
 import os
 import shutil
@@ -27,43 +26,17 @@ import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
+from address_claims import claim_addresses
 
 yaml = pytest.importorskip("yaml", reason="PyYAML is in the test extra: pip install -e '.[test]'")
 
 pytestmark = pytest.mark.slow
 
 DOCKER_DIR = Path(__file__).resolve().parent.parent / "docker"
-
-
-def claim_addresses(candidates: list[tuple[str, str, str]], ports: tuple[int, int]) -> tuple[tuple[str, str, str], int]:
-    """Claim the first free (Blue Book, here.test, there.test) triple; return it with the lock's descriptor.
-
-    A lock file per triple keeps concurrent test runs on this machine apart even
-    before their servers bind; the bind checks skip triples that something else
-    holds. ``ports`` are the Blue Book's UDP port and the mail servers' SMTP port.
-    Closing the descriptor releases the claim.
-    """
-    for triple in candidates:
-        lock_path = Path(tempfile.gettempdir()) / f"mailstack-test-{triple[0]}.lock"
-        descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            wanted = [(triple[0], ports[0], socket.SOCK_DGRAM)]
-            wanted += [(address, ports[1], socket.SOCK_STREAM) for address in triple[1:]]
-            for address, port, kind in wanted:
-                with socket.socket(socket.AF_INET, kind) as probe:
-                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    probe.bind((address, port))
-        except OSError:
-            os.close(descriptor)
-            continue
-        return triple, descriptor
-    raise AssertionError(f"every candidate address triple is busy: {candidates}")
 
 
 # Container address -> loopback address, filled in when the topology starts.
