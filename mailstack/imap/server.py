@@ -33,6 +33,7 @@ from mailstack.imap import response as r
 from mailstack.imap.parser import NEED_DATA, ContinuationLine, LiteralRequest, Parser, decode_sasl_response
 from mailstack.imap.session import ChangeHub, ClientInfo, Session, State
 from mailstack.imap.throttle import LoginThrottle
+from mailstack.logs import RepeatLimiter
 from mailstack.settings import IMAPSection
 from mailstack.store import Store
 
@@ -148,6 +149,7 @@ class IMAPServer:
             limit=config.auth_failure_limit, window=config.auth_failure_window, delay=config.auth_failure_delay
         )
         self.limits = Limits(config.max_connections, config.max_connections_per_address)
+        self._refusal_log = RepeatLimiter()
         self.servers: list[asyncio.base_events.Server | TLSListener] = []
         self.connections: dict[asyncio.Task, Connection] = {}
         # Connections on the TLS port, each until its session ends; in ``handshakes`` until TLS is up.
@@ -187,7 +189,7 @@ class IMAPServer:
             return
         refusal = self.limits.acquire(address)
         if refusal is not None:
-            log.warning("IMAP connection %s from %s refused: %s", session_id, address, refusal)
+            self._log_refusal(session_id, address, refusal)
             with contextlib.suppress(OSError, ConnectionError, asyncio.TimeoutError):
                 writer.write(r.untagged_status(b"BYE", refusal, b"UNAVAILABLE"))
                 await asyncio.wait_for(writer.drain(), 5)
@@ -213,6 +215,13 @@ class IMAPServer:
             if task is not None:
                 self.connections.pop(task, None)
 
+    def _log_refusal(self, session_id: str, address: str, refusal) -> None:
+        allowed, suppressed = self._refusal_log.allow(address)
+        if not allowed:
+            return
+        more = f" ({suppressed} more from this address not logged)" if suppressed else ""
+        log.warning("IMAP connection %s from %s refused: %s%s", session_id, address, refusal, more)
+
     def _accept_tls(self, sock: socket.socket, peer: tuple) -> None:
         """Count a connection accepted on the TLS port, then start its handshake in a task."""
         address, port = str(peer[0]), int(peer[1])
@@ -223,7 +232,7 @@ class IMAPServer:
         refusal = self.limits.acquire(address)
         if refusal is not None:
             # Closed without a handshake, which would cost more than the refused client is worth.
-            log.warning("IMAP connection %s from %s refused: %s", session_id, address, refusal)
+            self._log_refusal(session_id, address, refusal)
             sock.close()
             return
         task = asyncio.get_running_loop().create_task(self._serve_tls(sock, ClientInfo(address, port, session_id)))

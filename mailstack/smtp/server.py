@@ -9,6 +9,7 @@ import ssl
 from dataclasses import dataclass
 from typing import Literal
 
+from mailstack.logs import RepeatLimiter
 from mailstack.smtp import replies
 from mailstack.smtp.replies import Reply
 from mailstack.smtp.session import TLS_HANDSHAKE_TIMEOUT, SMTPHandler, SMTPSession
@@ -81,6 +82,8 @@ class SMTPServer:
         self.sessions: set[SMTPSession] = set()
         self.closing = False
         self._per_address: collections.Counter[str] = collections.Counter()
+        # Refused connections are logged at a bounded rate per client address.
+        self.refusal_log = RepeatLimiter()
         self._servers: list[asyncio.Server] = []
         self._idle = asyncio.Event()
         self._idle.set()

@@ -242,7 +242,10 @@ class SMTPSession(SMTP):
             refusal = self.server._admit(self)
             if refusal is not None:
                 self._refused = True
-                self.log.warning("connection from %s refused: %s", self.client_address, refusal.render())
+                allowed, suppressed = self.server.refusal_log.allow(self.client_address)
+                if allowed:
+                    more = f" ({suppressed} more from this address not logged)" if suppressed else ""
+                    self.log.warning("connection from %s refused: %s%s", self.client_address, refusal.render(), more)
                 if self.listener.tls != "implicit":
                     # A client on an implicit-TLS port expects a ClientHello
                     # reply, so it gets no plaintext 421, only the close.
