@@ -40,7 +40,8 @@ def setup(level: str = "INFO", fmt: str = "text") -> None:
         root.removeHandler(existing)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    # aiosmtpd logs every protocol line at INFO under "mail.log"; keep that at DEBUG.
+    # aiosmtpd logs every protocol line at INFO under "mail.log": show those lines
+    # only when the root level is DEBUG.
     logging.getLogger("mail.log").setLevel(max(logging.WARNING, root.level) if root.level > logging.DEBUG else logging.DEBUG)
 
 
