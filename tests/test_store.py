@@ -312,3 +312,17 @@ async def test_committed_append_survives_sigkill(tmp_path, store):
         assert found.size == len(b"Subject: durable\r\n\r\nbody\r\n")
     finally:
         await reopened.close()
+
+
+async def test_concurrent_open_of_new_file(tmp_path):
+    """Several stores opening one new file at once: WAL set once, schema migrated once."""
+    url = url_for(tmp_path / "fresh.db")
+    stores = await asyncio.gather(*(Store.open(url) for _ in range(4)))
+    try:
+        for opened in stores:
+            assert await opened.list_domains() == []
+    finally:
+        for opened in stores:
+            await opened.close()
+    with sqlite3.connect(tmp_path / "fresh.db") as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from sqlalchemy import event
@@ -40,6 +41,33 @@ def create_engine(url: str, *, busy_timeout: float = 30.0, pool_size: int = 10) 
     return create_async_engine(url, pool_size=pool_size, pool_pre_ping=True)
 
 
+def _enable_wal(cursor, busy_timeout: float) -> None:
+    """Switch the database to WAL mode unless it already is.
+
+    WAL mode is stored in the file, so only the first connection to a new file
+    changes it. That change needs an exclusive lock, and SQLite reports "database
+    is locked" at once, without the busy handler, when another connection holds a
+    shared lock at that moment (as when several processes open a new file
+    together), so the change is retried until the busy timeout.
+    """
+    cursor.execute("PRAGMA journal_mode")
+    (mode,) = cursor.fetchone()
+    if str(mode).lower() in ("wal", "memory"):
+        return
+    deadline = time.monotonic() + busy_timeout
+    delay = 0.005
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except Exception as exc:  # the driver's OperationalError, wrapped or not
+            if "locked" not in str(exc) or time.monotonic() + delay > deadline:
+                raise
+            log.debug("database locked while enabling WAL mode; retrying in %.3f s", delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+
 def _configure_sqlite(engine: AsyncEngine, busy_timeout: float) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection, _record) -> None:
@@ -47,7 +75,7 @@ def _configure_sqlite(engine: AsyncEngine, busy_timeout: float) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-        cursor.execute("PRAGMA journal_mode = WAL")
+        _enable_wal(cursor, busy_timeout)
         cursor.execute("PRAGMA synchronous = FULL")
         cursor.execute("PRAGMA foreign_keys = ON")
         cursor.close()
