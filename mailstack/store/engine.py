@@ -45,10 +45,9 @@ def _enable_wal(cursor, busy_timeout: float) -> None:
     """Switch the database to WAL mode unless it already is.
 
     WAL mode is stored in the file, so only the first connection to a new file
-    changes it. That change needs an exclusive lock, and SQLite reports "database
-    is locked" at once, without the busy handler, when another connection holds a
-    shared lock at that moment (as when several processes open a new file
-    together), so the change is retried until the busy timeout.
+    changes it. That change needs an exclusive lock. When several connections
+    open a new file together, it can fail with "database is locked", so it is
+    retried until the busy timeout has passed.
     """
     cursor.execute("PRAGMA journal_mode")
     (mode,) = cursor.fetchone()
