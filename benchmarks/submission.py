@@ -38,7 +38,7 @@ NOOP_PORT = 10588
 SENDER = "alice@bench.test"
 RECIPIENT = "bob@bench.test"
 POLICY_RC = Path("/usr/sbin/policy-rc.d")
-# Each smtp-source run is stopped after this many seconds whatever happens.
+# Each smtp-source run is killed after this many seconds (subprocess.run timeout).
 RUN_TIMEOUT = 300
 
 

@@ -17,8 +17,8 @@ def claim_addresses(candidates: list[tuple[str, str, str]], ports: tuple[int, in
     """Claim the first free (Blue Book, here.test, there.test) triple; return it with the lock's descriptor.
 
     A lock file per triple keeps concurrent test runs on this machine apart even
-    before their servers bind; the bind checks skip triples that something else
-    holds. ``ports`` are the Blue Book's UDP port and the mail servers' SMTP port.
+    before their servers bind. The bind checks skip triples that another
+    process already uses. ``ports`` are the Blue Book's UDP port and the mail servers' SMTP port.
     Closing the descriptor releases the claim.
     """
     for triple in candidates:

@@ -251,8 +251,10 @@ def test_mail_crosses_split_roles(topology: Topology) -> None:
     alice = _password(topology, "here-setup", "alice@here.test")
     bob = _password(topology, "there-setup", "bob@there.test")
     # Generated passwords use letters and digits only, so no client reads one as an option.
-    assert alice.isalnum() and len(alice) == 16
-    assert bob.isalnum() and len(bob) == 16
+    assert alice.isalnum()
+    assert len(alice) == 16
+    assert bob.isalnum()
+    assert len(bob) == 16
 
     message = email.message.EmailMessage()
     message["From"] = "alice@here.test"

@@ -45,7 +45,7 @@ class SMTPOptions:
 
 @dataclass(frozen=True)
 class Listener:
-    """How one port behaves.
+    """Settings of one listening port.
 
     ``tls``: "starttls" offers STARTTLS, "implicit" runs TLS from the first
     byte (RFC 8314), "none" is plaintext only. ``require_tls`` refuses
